@@ -1,0 +1,132 @@
+"""vlm.server over a real gRPC server on 127.0.0.1:0: health, reflection, error mapping,
+metrics exposition and graceful shutdown. The servicer is a minimal stand-in whose handlers
+raise on purpose; the plumbing around it is the real one both services use."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from vlm import errors
+from vlm.common.v1 import generation_pb2 as gen_pb
+from vlm.model.v1 import model_pb2, model_pb2_grpc
+from vlm.server import BaseMetrics, GrpcApp, ServerOptions, channel_options, error_detail_from_trailers
+
+SERVICE = model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+
+
+class _Servicer(model_pb2_grpc.ModelServiceServicer):
+    async def GetModelInfo(self, request, context):
+        raise errors.InvalidArgument("bad thing", field="prompt.items[0].hash")
+
+    async def GetLoad(self, request, context):
+        return model_pb2.GetLoadResponse(running_requests=3)
+
+    async def Abort(self, request, context):
+        raise RuntimeError("boom")
+
+    async def Generate(self, request, context):
+        yield model_pb2.GenerateResponse(chunk=gen_pb.GenerationChunk(request_id="r", token_ids=[1]))
+        raise errors.MissingFeatures(["aa", "bb"], field="prompt.items")
+
+
+@pytest.fixture
+async def app():
+    app = GrpcApp("test", ServerOptions(grace_s=0.5), BaseMetrics("test"))
+    app.add_service(model_pb2_grpc.add_ModelServiceServicer_to_server, _Servicer(), SERVICE)
+    await app.start()
+    yield app
+    await app.stop(0)
+
+
+async def test_health_serving_only_after_warmup(app: GrpcApp) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for name in ("", SERVICE):
+            resp = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+            assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await app.set_serving(True)
+        resp = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE))
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_reflection_lists_services(app: GrpcApp) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+
+        async def requests():
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+        async for resp in stub.ServerReflectionInfo(requests()):
+            names = {s.name for s in resp.list_services_response.service}
+            break
+    assert {SERVICE, "grpc.health.v1.Health"} <= names
+
+
+async def test_unary_error_maps_to_status_with_detail(app: GrpcApp) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=channel_options()) as ch:
+        stub = model_pb2_grpc.ModelServiceStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.GetModelInfo(model_pb2.GetModelInfoRequest())
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "prompt.items[0].hash" in exc.value.details()
+        detail = error_detail_from_trailers(exc.value.trailing_metadata())
+        assert detail.reason == "INVALID_ARGUMENT" and detail.field == "prompt.items[0].hash"
+
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.Abort(model_pb2.AbortRequest(request_id="x"))
+        assert exc.value.code() == grpc.StatusCode.INTERNAL
+
+        # The server is still up and answers.
+        assert (await stub.GetLoad(model_pb2.GetLoadRequest())).running_requests == 3
+
+
+async def test_streaming_error_after_first_chunk(app: GrpcApp) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        stub = model_pb2_grpc.ModelServiceStub(ch)
+        call = stub.Generate(model_pb2.GenerateRequest())
+        got = []
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            async for resp in call:
+                got.append(resp)
+        assert len(got) == 1
+        assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        detail = error_detail_from_trailers(exc.value.trailing_metadata())
+        assert detail.reason == "MISSING_FEATURES" and list(detail.missing_hashes) == ["aa", "bb"]
+
+
+async def test_metrics_endpoint_exposes_build_info_and_request_counts(app: GrpcApp) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        stub = model_pb2_grpc.ModelServiceStub(ch)
+        await stub.GetLoad(model_pb2.GetLoadRequest())
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.GetModelInfo(model_pb2.GetModelInfoRequest())
+    body = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{app.metrics_port}/metrics").read().decode()
+    )
+    assert 'vlm_build_info{' in body and 'service="test"' in body
+    assert 'vlm_grpc_requests_total{code="OK",method="/vlm.model.v1.ModelService/GetLoad"} 1.0' in body
+    assert 'vlm_grpc_requests_total{code="INVALID_ARGUMENT",method="/vlm.model.v1.ModelService/GetModelInfo"} 1.0' in body
+    assert "vlm_grpc_request_duration_seconds_bucket" in body
+
+
+async def test_graceful_stop_flips_health_and_closes() -> None:
+    app = GrpcApp("test", ServerOptions(grace_s=0.5, metrics_port=None), BaseMetrics("test"))
+    app.add_service(model_pb2_grpc.add_ModelServiceServicer_to_server, _Servicer(), SERVICE)
+    await app.start()
+    await app.set_serving(True)
+    serving = asyncio.create_task(app.serve_until_signal())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=SERVICE))
+        first = await watch.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        app.request_stop()
+        second = await watch.read()
+        assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    await asyncio.wait_for(serving, 5)

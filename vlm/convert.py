@@ -1,0 +1,395 @@
+"""The one place where protobuf messages become domain types (`vlm.types`) and back.
+
+Decoders validate structure (enums set, oneofs present, tensors well-formed) and raise
+`InvalidArgument` naming the offending field as a dotted path into the request. Semantic checks
+(placeholders vs. tokens, limits, fingerprints) belong to each service's domain code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from google.protobuf import json_format
+
+from vlm import codec, types
+from vlm.common.v1 import generation_pb2 as gen_pb
+from vlm.common.v1 import multimodal_pb2 as mm_pb
+from vlm.errors import InvalidArgument
+
+# ---------------------------------------------------------------------------------- enums
+
+_MODALITY_TO_PB = {
+    types.Modality.IMAGE: mm_pb.MODALITY_IMAGE,
+    types.Modality.VIDEO: mm_pb.MODALITY_VIDEO,
+    types.Modality.AUDIO: mm_pb.MODALITY_AUDIO,
+}
+_MODALITY_FROM_PB = {v: k for k, v in _MODALITY_TO_PB.items()}
+
+_LAYOUT_TO_PB = {
+    types.FieldLayout.BATCHED: mm_pb.FIELD_LAYOUT_BATCHED,
+    types.FieldLayout.FLAT: mm_pb.FIELD_LAYOUT_FLAT,
+    types.FieldLayout.SHARED: mm_pb.FIELD_LAYOUT_SHARED,
+}
+_LAYOUT_FROM_PB = {v: k for k, v in _LAYOUT_TO_PB.items()}
+
+_FINISH_TO_PB = {
+    None: gen_pb.FINISH_REASON_UNSPECIFIED,
+    types.FinishReason.STOP: gen_pb.FINISH_REASON_STOP,
+    types.FinishReason.LENGTH: gen_pb.FINISH_REASON_LENGTH,
+    types.FinishReason.ABORT: gen_pb.FINISH_REASON_ABORT,
+}
+_FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
+
+
+def modality_to_pb(m: types.Modality) -> int:
+    return _MODALITY_TO_PB[m]
+
+
+def modality_from_pb(value: int, *, field: str) -> types.Modality:
+    try:
+        return _MODALITY_FROM_PB[value]
+    except KeyError:
+        raise InvalidArgument(f"modality must be IMAGE, VIDEO or AUDIO (got {value})", field=field)
+
+
+# ---------------------------------------------------------------------------------- inputs
+
+
+def media_from_pb(msg: mm_pb.Media, *, field: str) -> types.Media:
+    return types.Media(
+        modality=modality_from_pb(msg.modality, field=f"{field}.modality"),
+        data=msg.data,
+        mime_type=msg.mime_type,
+    )
+
+
+def media_to_pb(media: types.Media) -> mm_pb.Media:
+    return mm_pb.Media(
+        modality=modality_to_pb(media.modality), data=media.data, mime_type=media.mime_type
+    )
+
+
+def prompt_input_from_pb(
+    msg: mm_pb.PromptInput, media: Sequence[mm_pb.Media], *, field: str = "prompt"
+) -> types.PromptInput:
+    """A request's prompt oneof plus its side-band media list → PromptInput."""
+    kind = msg.WhichOneof("prompt")
+    side_media = tuple(media_from_pb(m, field=f"media[{i}]") for i, m in enumerate(media))
+    if kind == "text":
+        return types.PromptInput(text=msg.text, media=side_media)
+    if kind == "token_ids":
+        if not msg.token_ids.ids:
+            raise InvalidArgument("token_ids must not be empty", field=f"{field}.token_ids.ids")
+        return types.PromptInput(token_ids=tuple(msg.token_ids.ids), media=side_media)
+    if kind == "messages":
+        if side_media:
+            raise InvalidArgument(
+                "chat prompts carry media inline as content parts; the media list must be empty",
+                field="media",
+            )
+        chat = msg.messages
+        if not chat.messages:
+            raise InvalidArgument("no messages", field=f"{field}.messages.messages")
+        messages = []
+        for i, m in enumerate(chat.messages):
+            mfield = f"{field}.messages.messages[{i}]"
+            if not m.role:
+                raise InvalidArgument("role must be set", field=f"{mfield}.role")
+            parts = []
+            for j, p in enumerate(m.content):
+                pfield = f"{mfield}.content[{j}]"
+                which = p.WhichOneof("part")
+                if which == "text":
+                    parts.append(types.ChatPart(text=p.text))
+                elif which == "media":
+                    parts.append(types.ChatPart(media=media_from_pb(p.media, field=f"{pfield}.media")))
+                else:
+                    raise InvalidArgument("content part has neither text nor media", field=pfield)
+            messages.append(types.ChatMessage(role=m.role, content=tuple(parts)))
+        add_gen = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+        return types.PromptInput(messages=tuple(messages), add_generation_prompt=add_gen)
+    raise InvalidArgument("one of text, token_ids or messages must be set", field=field)
+
+
+def prompt_input_to_pb(p: types.PromptInput) -> tuple[mm_pb.PromptInput, list[mm_pb.Media]]:
+    media = [media_to_pb(m) for m in p.media]
+    if p.text is not None:
+        return mm_pb.PromptInput(text=p.text), media
+    if p.token_ids is not None:
+        return mm_pb.PromptInput(token_ids=mm_pb.TokenIds(ids=list(p.token_ids))), media
+    assert p.messages is not None
+    msgs = [
+        mm_pb.ChatMessage(
+            role=m.role,
+            content=[
+                mm_pb.ContentPart(text=c.text)
+                if c.media is None
+                else mm_pb.ContentPart(media=media_to_pb(c.media))
+                for c in m.content
+            ],
+        )
+        for m in p.messages
+    ]
+    chat = mm_pb.ChatMessages(messages=msgs, add_generation_prompt=p.add_generation_prompt)
+    return mm_pb.PromptInput(messages=chat), []
+
+
+def processor_kwargs_from_pb(msg: mm_pb.ProcessorOptions) -> dict[str, Any]:
+    """Struct → plain dict; JSON numbers that are integral become ints (Struct has only doubles)."""
+
+    def norm(v: Any) -> Any:
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        if isinstance(v, list):
+            return [norm(x) for x in v]
+        if isinstance(v, dict):
+            return {k: norm(x) for k, x in v.items()}
+        return v
+
+    return {k: norm(v) for k, v in json_format.MessageToDict(msg.kwargs).items()}
+
+
+def processor_kwargs_to_pb(kwargs: dict[str, Any] | None) -> mm_pb.ProcessorOptions:
+    opts = mm_pb.ProcessorOptions()
+    if kwargs:
+        opts.kwargs.update(kwargs)
+    return opts
+
+
+# ---------------------------------------------------------------------------------- prompts
+
+
+def fingerprint_to_pb(f: types.Fingerprint) -> mm_pb.ModelFingerprint:
+    return mm_pb.ModelFingerprint(
+        model_id=f.model_id, model_impl=f.model_impl, config_hash=f.config_hash
+    )
+
+
+def fingerprint_from_pb(msg: mm_pb.ModelFingerprint) -> types.Fingerprint:
+    return types.Fingerprint(msg.model_id, msg.model_impl, msg.config_hash)
+
+
+def item_to_pb(item: types.Item) -> mm_pb.MultiModalItem:
+    ph = item.placeholder
+    out = mm_pb.MultiModalItem(
+        modality=modality_to_pb(item.modality),
+        hash=item.hash,
+        placeholder=mm_pb.PlaceholderRange(
+            offset=ph.offset, length=ph.length, is_embed=list(ph.is_embed or ())
+        ),
+    )
+    for name, f in (item.fields or {}).items():
+        out.fields[name].CopyFrom(
+            mm_pb.ItemField(
+                tensor=codec.encode(f.data),
+                layout=_LAYOUT_TO_PB[f.layout],
+                flat_dim=f.flat_dim,
+                keep_on_cpu=f.keep_on_cpu,
+            )
+        )
+    return out
+
+
+def item_from_pb(
+    msg: mm_pb.MultiModalItem, *, field: str, limits: codec.TensorLimits = codec.DEFAULT_LIMITS
+) -> types.Item:
+    modality = modality_from_pb(msg.modality, field=f"{field}.modality")
+    if not msg.hash:
+        raise InvalidArgument("hash must be set", field=f"{field}.hash")
+    ph = msg.placeholder
+    placeholder = types.Placeholder(
+        offset=ph.offset, length=ph.length, is_embed=tuple(ph.is_embed) if ph.is_embed else None
+    )
+    fields: dict[str, types.ItemField] | None = None
+    if msg.fields:
+        fields = {}
+        for name in sorted(msg.fields):
+            f = msg.fields[name]
+            ffield = f"{field}.fields.{name}"
+            layout = _LAYOUT_FROM_PB.get(f.layout)
+            if layout is None:
+                raise InvalidArgument(
+                    "layout must be BATCHED, FLAT or SHARED", field=f"{ffield}.layout"
+                )
+            data = codec.decode(f.tensor, field=f"{ffield}.tensor", limits=limits)
+            if layout is types.FieldLayout.FLAT and not -data.dim() <= f.flat_dim < max(data.dim(), 1):
+                raise InvalidArgument(
+                    f"flat_dim {f.flat_dim} out of range for a rank-{data.dim()} tensor",
+                    field=f"{ffield}.flat_dim",
+                )
+            fields[name] = types.ItemField(
+                data=data, layout=layout, flat_dim=f.flat_dim, keep_on_cpu=f.keep_on_cpu
+            )
+    return types.Item(modality=modality, hash=msg.hash, placeholder=placeholder, fields=fields)
+
+
+def prompt_to_pb(
+    p: types.Prompt, *, omit_fields_for: Iterable[str] = ()
+) -> mm_pb.PreprocessedPrompt:
+    omit = set(omit_fields_for)
+    out = mm_pb.PreprocessedPrompt(
+        fingerprint=fingerprint_to_pb(p.fingerprint),
+        token_ids=list(p.token_ids),
+        items=[item_to_pb(i.without_fields() if i.hash in omit else i) for i in p.items],
+    )
+    if p.prompt_text is not None:
+        out.prompt_text = p.prompt_text
+    return out
+
+
+def prompt_from_pb(
+    msg: mm_pb.PreprocessedPrompt,
+    *,
+    field: str = "prompt",
+    limits: codec.TensorLimits = codec.DEFAULT_LIMITS,
+) -> types.Prompt:
+    return types.Prompt(
+        fingerprint=fingerprint_from_pb(msg.fingerprint),
+        token_ids=tuple(msg.token_ids),
+        items=tuple(
+            item_from_pb(it, field=f"{field}.items[{i}]", limits=limits)
+            for i, it in enumerate(msg.items)
+        ),
+        prompt_text=msg.prompt_text if msg.HasField("prompt_text") else None,
+    )
+
+
+# ---------------------------------------------------------------------------------- sampling
+
+_OPTIONAL_SAMPLING = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "max_tokens",
+    "min_tokens",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "logprobs",
+    "skip_special_tokens",
+)
+
+
+def sampling_from_pb(msg: gen_pb.SamplingParams) -> types.Sampling:
+    kwargs: dict[str, Any] = {
+        name: getattr(msg, name) for name in _OPTIONAL_SAMPLING if msg.HasField(name)
+    }
+    return types.Sampling(
+        stop=tuple(msg.stop),
+        stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+        **kwargs,
+    )
+
+
+def sampling_to_pb(s: types.Sampling) -> gen_pb.SamplingParams:
+    out = gen_pb.SamplingParams(
+        stop=list(s.stop), stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos
+    )
+    for name in _OPTIONAL_SAMPLING:
+        value = getattr(s, name)
+        if value is not None:
+            setattr(out, name, value)
+    return out
+
+
+# ---------------------------------------------------------------------------------- outputs
+
+
+def _logprob_to_pb(lp: types.TokenLogprob) -> gen_pb.TokenLogprob:
+    return gen_pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank)
+
+
+def _logprob_from_pb(msg: gen_pb.TokenLogprob) -> types.TokenLogprob:
+    return types.TokenLogprob(msg.token_id, msg.logprob, msg.rank)
+
+
+def chunk_to_pb(c: types.Chunk) -> gen_pb.GenerationChunk:
+    out = gen_pb.GenerationChunk(
+        request_id=c.request_id,
+        token_ids=list(c.token_ids),
+        text=c.text,
+        logprobs=[
+            gen_pb.PositionLogprobs(
+                sampled=_logprob_to_pb(p.sampled), top=[_logprob_to_pb(t) for t in p.top]
+            )
+            for p in c.logprobs
+        ],
+        finish_reason=_FINISH_TO_PB[c.finish_reason],
+    )
+    if isinstance(c.stop_reason, str):
+        out.stop_string = c.stop_reason
+    elif isinstance(c.stop_reason, int):
+        out.stop_token_id = c.stop_reason
+    if c.usage is not None:
+        out.usage.CopyFrom(
+            gen_pb.Usage(
+                prompt_tokens=c.usage.prompt_tokens,
+                completion_tokens=c.usage.completion_tokens,
+                cached_tokens=c.usage.cached_tokens,
+            )
+        )
+    return out
+
+
+def chunk_from_pb(msg: gen_pb.GenerationChunk) -> types.Chunk:
+    which = msg.WhichOneof("stop_reason")
+    return types.Chunk(
+        request_id=msg.request_id,
+        token_ids=tuple(msg.token_ids),
+        text=msg.text,
+        logprobs=tuple(
+            types.PositionLogprobs(
+                _logprob_from_pb(p.sampled), tuple(_logprob_from_pb(t) for t in p.top)
+            )
+            for p in msg.logprobs
+        ),
+        finish_reason=_FINISH_FROM_PB[msg.finish_reason],
+        stop_reason=getattr(msg, which) if which else None,
+        usage=types.Usage(
+            msg.usage.prompt_tokens, msg.usage.completion_tokens, msg.usage.cached_tokens
+        )
+        if msg.HasField("usage")
+        else None,
+    )
+
+
+def model_info_to_pb(info: types.ModelInfo) -> gen_pb.ModelInfo:
+    return gen_pb.ModelInfo(
+        model_id=info.model_id,
+        fingerprint=fingerprint_to_pb(info.fingerprint),
+        max_model_len=info.max_model_len,
+        vocab_size=info.vocab_size,
+        eos_token_ids=list(info.eos_token_ids),
+        modalities=[
+            gen_pb.ModalityInfo(
+                modality=modality_to_pb(m.modality),
+                placeholder_token_ids=list(m.placeholder_token_ids),
+                placeholder_text=m.placeholder_text,
+                max_items_per_prompt=m.max_items_per_prompt,
+            )
+            for m in info.modalities
+        ],
+    )
+
+
+def model_info_from_pb(msg: gen_pb.ModelInfo) -> types.ModelInfo:
+    return types.ModelInfo(
+        model_id=msg.model_id,
+        fingerprint=fingerprint_from_pb(msg.fingerprint),
+        max_model_len=msg.max_model_len,
+        vocab_size=msg.vocab_size,
+        eos_token_ids=tuple(msg.eos_token_ids),
+        modalities=tuple(
+            types.ModalityInfo(
+                modality=_MODALITY_FROM_PB[m.modality],
+                placeholder_token_ids=tuple(m.placeholder_token_ids),
+                placeholder_text=m.placeholder_text,
+                max_items_per_prompt=m.max_items_per_prompt,
+            )
+            for m in msg.modalities
+        ),
+    )

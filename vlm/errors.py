@@ -1,0 +1,111 @@
+"""One exception hierarchy for both services; each class carries its gRPC status code.
+
+Domain code raises these; `vlm.server.ErrorMappingInterceptor` maps them to a status at the edge,
+with a machine-readable `ErrorDetail` in trailing metadata. Third-party errors (PIL, torch, vLLM)
+are translated into these once, where they are caught.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+#: Trailing-metadata keys carrying the machine-readable error.
+REASON_KEY = "vlm-error-reason"
+DETAIL_KEY = "vlm-error-detail-bin"
+
+
+class VlmError(Exception):
+    """Base class. `field` names the request field at fault (dotted path), when there is one."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = "INTERNAL"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def details(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+
+class InvalidArgument(VlmError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+
+class InvalidMedia(InvalidArgument):
+    """Corrupt, truncated, empty, oversized or unsupported media."""
+
+    reason = "INVALID_MEDIA"
+
+
+class PromptTooLong(InvalidArgument):
+    reason = "PROMPT_TOO_LONG"
+
+
+class LimitExceeded(InvalidArgument):
+    """More items of a modality than the per-prompt limit, or a size limit."""
+
+    reason = "LIMIT_EXCEEDED"
+
+
+class FailedPrecondition(VlmError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
+
+
+class ModelMismatch(FailedPrecondition):
+    """The prompt was prepared for another model or another field layout."""
+
+    reason = "MODEL_MISMATCH"
+
+
+class MissingFeatures(FailedPrecondition):
+    """Hash-only items whose features the receiver does not hold; resend them with fields."""
+
+    reason = "MISSING_FEATURES"
+
+    def __init__(self, hashes: Sequence[str], *, field: str | None = None) -> None:
+        self.missing_hashes = tuple(hashes)
+        super().__init__(
+            f"features not held for {len(self.missing_hashes)} item(s); resend them with fields: "
+            + ", ".join(self.missing_hashes),
+            field=field,
+        )
+
+
+class NotFound(VlmError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "NOT_FOUND"
+
+
+class AlreadyExists(VlmError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "ALREADY_EXISTS"
+
+
+class ResourceExhausted(VlmError):
+    """A bounded queue is full; retry later or elsewhere."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "QUEUE_FULL"
+
+
+class Unavailable(VlmError):
+    """The service cannot serve now (engine dead, shutting down, upstream down)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "UNAVAILABLE"
+
+
+class Cancelled(VlmError):
+    code = grpc.StatusCode.CANCELLED
+    reason = "CANCELLED"
+
+
+class Internal(VlmError):
+    code = grpc.StatusCode.INTERNAL
+    reason = "INTERNAL"

