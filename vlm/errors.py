@@ -109,3 +109,22 @@ class Cancelled(VlmError):
 class Internal(VlmError):
     code = grpc.StatusCode.INTERNAL
     reason = "INTERNAL"
+
+
+class UpstreamError(VlmError):
+    """An error status returned by another service, passed through with its code and reason."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        reason: str = "UPSTREAM",
+        field: str | None = None,
+        missing_hashes: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message, field=None)
+        self.code = code
+        self.reason = reason
+        self.upstream_field = field
+        self.missing_hashes = tuple(missing_hashes)

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Info, start_http_serve
 
 from vlm import __version__
 from vlm.common.v1 import generation_pb2
-from vlm.errors import DETAIL_KEY, REASON_KEY, MissingFeatures, VlmError
+from vlm.errors import DETAIL_KEY, REASON_KEY, MissingFeatures, UpstreamError, VlmError
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +163,9 @@ def _library_versions() -> dict[str, str]:
 
 
 def error_trailers(err: VlmError) -> tuple[tuple[str, str | bytes], ...]:
-    detail = generation_pb2.ErrorDetail(reason=err.reason, field=err.field or "")
-    if isinstance(err, MissingFeatures):
+    field = err.upstream_field if isinstance(err, UpstreamError) else err.field
+    detail = generation_pb2.ErrorDetail(reason=err.reason, field=field or "")
+    if isinstance(err, MissingFeatures | UpstreamError):
         detail.missing_hashes.extend(err.missing_hashes)
     return ((REASON_KEY, err.reason), (DETAIL_KEY, detail.SerializeToString()))
 
