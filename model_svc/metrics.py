@@ -55,3 +55,30 @@ class ModelMetrics(BaseMetrics):
             f"{P}_feature_store_items", "Items held by the feature store.", registry=r)
         self.engine_healthy = Gauge(
             f"{P}_engine_healthy", "1 while the engine is alive, 0 after it died.", registry=r)
+
+    # -- model_svc.engine.MetricsHook --------------------------------------------------------
+
+    def request_finished(self, stats) -> None:
+        self.prompt_tokens.inc(stats.prompt_tokens)
+        self.cached_prompt_tokens.inc(stats.cached_tokens)
+        self.generation_tokens.inc(stats.generation_tokens)
+        if stats.time_to_first_token is not None:
+            self.time_to_first_token.observe(stats.time_to_first_token)
+        for gap in stats.inter_token_latencies:
+            self.inter_token_latency.observe(gap)
+        if stats.finish_reason is not None:
+            self.e2e_request_latency.observe(stats.e2e_latency)
+            self.request_success.labels(stats.finish_reason.value).inc()
+
+    def feature_store_lookups(self, hits: int, misses: int) -> None:
+        self.feature_store_hits.inc(hits)
+        self.feature_store_misses.inc(misses)
+
+    def bind(self, engine) -> None:
+        """Read the load gauges from the live engine at scrape time."""
+        self.num_requests_running.set_function(lambda: engine.load().running)
+        self.num_requests_waiting.set_function(lambda: engine.load().waiting)
+        self.kv_cache_usage.set_function(lambda: engine.load().kv_cache_usage)
+        self.feature_store_bytes.set_function(lambda: engine.load().feature_store_bytes)
+        self.feature_store_items.set_function(lambda: engine.load().feature_store_items)
+        self.engine_healthy.set_function(lambda: 1.0 if engine.healthy else 0.0)

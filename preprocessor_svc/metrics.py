@@ -34,3 +34,22 @@ class PreprocessorMetrics(BaseMetrics):
             f"{P}_preprocess_queue_depth", "Prompts waiting for a worker process.", registry=r)
         self.in_flight = Gauge(
             f"{P}_preprocess_in_flight", "Prompts being processed by worker processes.", registry=r)
+
+    def bind(self, preprocessor) -> None:
+        """Read the queue gauges from the live preprocessor at scrape time."""
+        self.queue_depth.set_function(lambda: preprocessor.stats()["queue_depth"])
+        self.in_flight.set_function(lambda: preprocessor.stats()["in_flight"])
+
+    def record(self, metrics) -> None:
+        """Record one request's `processing.PreprocessMetrics`."""
+        present = sorted(name for name, m in metrics.modalities.items() if m.items)
+        self.preprocess_duration.labels("+".join(present) or "text").observe(
+            metrics.queue_seconds + metrics.total_seconds
+        )
+        for name, m in metrics.modalities.items():
+            if m.items:
+                self.items.labels(name).inc(m.items)
+            self.feature_bytes.inc(m.feature_bytes)
+        self.prompt_tokens.inc(metrics.prompt_tokens)
+        self.cache_hits.inc(metrics.cache_hits)
+        self.cache_misses.inc(metrics.cache_misses)

@@ -9,23 +9,44 @@ from __future__ import annotations
 
 import uuid
 
+from preprocessor_svc.metrics import PreprocessorMetrics
+from preprocessor_svc.pool import Preprocessor
 from vlm import convert
 from vlm.client import ModelClient
-from vlm.errors import FailedPrecondition
+from vlm.errors import FailedPrecondition, Unavailable
 from vlm.preprocessor.v1 import preprocessor_pb2 as pre_pb
 from vlm.preprocessor.v1 import preprocessor_pb2_grpc
 from vlm.server import request_id_var
+from vlm.types import Prompt
 
 
 class PreprocessorServicer(preprocessor_pb2_grpc.PreprocessorServiceServicer):
-    def __init__(self, preprocessor, model_client: ModelClient | None = None) -> None:
-        self._pre = preprocessor
+    def __init__(
+        self,
+        metrics: PreprocessorMetrics,
+        model_client: ModelClient | None = None,
+        preprocessor: Preprocessor | None = None,
+    ) -> None:
+        self._metrics = metrics
         self._model = model_client
+        self._ready = preprocessor
 
-    async def _preprocess(self, request: pre_pb.PreprocessRequest):
+    def attach(self, preprocessor: Preprocessor) -> None:
+        """Start serving requests with a warmed-up preprocessor."""
+        self._ready = preprocessor
+
+    @property
+    def _pre(self) -> Preprocessor:
+        if self._ready is None:
+            raise Unavailable("the preprocessor is warming up")
+        return self._ready
+
+    async def _preprocess(self, request: pre_pb.PreprocessRequest) -> Prompt:
         prompt_input = convert.prompt_input_from_pb(request.prompt, request.media)
         kwargs = convert.processor_kwargs_from_pb(request.processor_options)
-        return await self._pre.preprocess(prompt_input, kwargs)
+        result = await self._pre.preprocess_detailed(prompt_input, kwargs)
+        self._metrics.record(result.metrics)
+        return result.prompt
 
     async def Preprocess(self, request, context):
         request_id_var.set(request.request_id or "-")

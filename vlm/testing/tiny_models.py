@@ -10,13 +10,24 @@ Usage::
     model_dir = build_tiny_model("llava", tmp_dir)
 
 Weights are re-drawn with a large std (``_INIT_STD``) so greedy outputs depend on the image.
-A build is deterministic for a given seed. ``build_tiny_model`` writes into a private
-temporary directory and renames it into place, so concurrent calls are safe; a directory that
-already holds a complete build (marker file written last) is reused.
+A build is deterministic for a given seed (about 0.2-0.5 s, 1-2.5 MB, float32).
+``build_tiny_model`` writes into a private temporary directory next to ``out_dir`` and renames
+it into place, so concurrent calls are safe; a directory that already holds a complete build
+of the same arch, seed and recipe (marker file written last) is reused without importing
+torch or transformers.
+
+``SPECS[arch].image_token`` / ``.video_token`` is the text a prompt carries per image / video
+(the processor expands it). Fuyu is the exception on the HF side: see ``SPECS["fuyu"].note``.
+Fuyu's tokenizer is the SentencePiece-style variant ("▁" word prefix, ``<0xNN>`` byte
+fallback); the others are byte-level BPE.
+
+``warm_vllm_model_info_cache(model_dir)`` saves vLLM's cold-cache model inspection (a ~25 s
+subprocess per architecture on 2 cores) for tests that start engines.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -48,6 +59,49 @@ class TinyModelSpec:
 
 SPECS: dict[str, TinyModelSpec] = {
     "llava": TinyModelSpec("llava", "<image>", None, True, "LLaVA-1.5 style: CLIP ViT + Llama"),
+    "llava_onevision": TinyModelSpec(
+        "llava_onevision", "<image>", "<video>", True, "SigLIP + Qwen2, anyres grid pinpoints"
+    ),
+    "qwen2_vl": TinyModelSpec(
+        "qwen2_vl",
+        "<|vision_start|><|image_pad|><|vision_end|>",
+        "<|vision_start|><|video_pad|><|vision_end|>",
+        True,
+        "Qwen2-VL: M-RoPE; the processor expands <|image_pad|> / <|video_pad|>",
+    ),
+    "mistral3": TinyModelSpec(
+        "mistral3", "[IMG]", None, True, "Pixtral vision + Mistral; [IMG] rows with [IMG_BREAK], [IMG_END]"
+    ),
+    "gemma3": TinyModelSpec(
+        "gemma3",
+        "<start_of_image>",
+        None,
+        True,
+        "SigLIP + Gemma3; the processor expands <start_of_image> to"
+        " '\\n\\n<start_of_image>' + <image_soft_token>*16 + '<end_of_image>\\n\\n'",
+    ),
+    "idefics3": TinyModelSpec(
+        "idefics3", "<image>", None, True, "Idefics3: tiles with <row_i_col_j>, <global-img>, pixel shuffle"
+    ),
+    "fuyu": TinyModelSpec(
+        "fuyu",
+        "|SPEAKER|",
+        None,
+        False,
+        "vLLM 0.32 has no native Fuyu (FuyuForCausalLM was removed in vLLM 0.25) and falls back to"
+        " its Transformers backend (TransformersMultiModalForCausalLM). That backend calls"
+        " FuyuProcessor(text='|SPEAKER|', images=[image]); transformers 5.19's FuyuProcessor"
+        " always prepends its own |SPEAKER| (prepare_inputs_layout), so there are two image"
+        " placeholders for one image and ProcessorMixin.get_text_with_replacements raises"
+        " StopIteration -> 'ValueError: Failed to apply FuyuProcessor on data={'text':"
+        " '|SPEAKER|', 'images': [...]}'. The engine starts (its multi-modal warmup fails with a"
+        " warning only), but every request with an image fails. This comes from library code, not"
+        " from this fixture. Closest arch that runs: mistral3 (Pixtral: native-resolution patch"
+        " rows, each ended by a non-embedding break token, like Fuyu's |NEWLINE|)."
+        " With HF directly, the text must NOT contain |SPEAKER| (FuyuProcessor adds one per"
+        " image), so the chat template emits nothing for image parts; FuyuProcessor also drops"
+        " chat_template, so use the tokenizer's.",
+    ),
 }
 
 # Bump when the build recipe changes: a directory built by another version is rebuilt.
@@ -91,64 +145,110 @@ top bottom center small large number 0 1 2 3 4 5 6 7 8 9 10 100 1000
 """
 
 
-def _bpe_tokenizer(extra_tokens: list[str], special_tokens: list[str], *, sentencepiece_style: bool):
-    """Train a small byte-level BPE (deterministic) and add the given tokens.
+def _bpe_tokenizer(
+    leading: list[str],
+    extra_tokens: list[str],
+    special_tokens: list[str],
+    *,
+    sentencepiece_style: bool,
+    vocab_tokens: list[str] = (),
+):
+    """Train a small BPE on ``_CORPUS`` (deterministic) and add the given tokens.
 
-    ``special_tokens`` are added as special (skipped when decoding); ``extra_tokens`` as normal
-    added tokens (e.g. literal newlines that some processors look up in the vocabulary).
-    With ``sentencepiece_style``, words are marked with "▁" (Metaspace) instead of "Ġ".
+    ``leading`` special tokens get the first ids, in order. ``special_tokens`` are added as
+    special (skipped when decoding); ``extra_tokens`` as normal added tokens (e.g. literal
+    newlines that some processors look up in the vocabulary).
+
+    Byte-level (GPT-2 style, "Ġ" for spaces) by default. With ``sentencepiece_style``: a
+    SentencePiece-like (legacy Llama) BPE: "▁" is prepended to the text and replaces spaces,
+    ``<0xNN>`` byte-fallback tokens follow ``leading``, and ``vocab_tokens`` are plain vocabulary
+    entries (not added tokens) that the pre-tokenizer isolates. So "|SPEAKER||NEWLINE|" encodes
+    as ["▁", "|SPEAKER|", "|NEWLINE|"], as with Fuyu's own tokenizer (FuyuProcessor strips that
+    leading "▁" off its image placeholders).
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    import re
 
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    lines = _CORPUS.splitlines(keepends=True)
     if sentencepiece_style:
-        # SentencePiece-style BPE over characters with "▁" for spaces and byte fallback.
-        tok = Tokenizer(models.BPE(unk_token=_UNK, byte_fallback=True, fuse_unk=True))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok = Tokenizer(models.BPE(unk_token=_UNK, byte_fallback=True, fuse_unk=True, ignore_merges=True))
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+        if vocab_tokens:
+            pattern = Regex("|".join(re.escape(t) for t in vocab_tokens))
+            tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(pattern, "isolated"), metaspace])
+        else:
+            tok.pre_tokenizer = metaspace
         tok.decoder = decoders.Sequence(
             [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
         )
-        byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
         trainer = trainers.BpeTrainer(
-            vocab_size=_VOCAB_TARGET + 256,
-            special_tokens=[_UNK, _BOS, _EOS, _PAD, *byte_tokens],
-            initial_alphabet=sorted(set(_CORPUS) | {"▁"}),
+            vocab_size=_VOCAB_TARGET - 256,
+            special_tokens=list(leading),
+            initial_alphabet=sorted(set(_CORPUS.replace(" ", "")) | {"▁"}),
             show_progress=False,
         )
+        tok.train_from_iterator(lines, trainer=trainer)
+        # Re-number: leading specials, the 256 byte tokens, the learned pieces, vocab_tokens.
+        data = json.loads(tok.to_str())
+        vocab: dict[str, int] = data["model"]["vocab"]
+        order = list(leading) + [f"<0x{i:02X}>" for i in range(256)]
+        seen = set(order) | set(vocab_tokens)
+        order += [t for t in sorted(vocab, key=vocab.__getitem__) if t not in seen]
+        order += list(vocab_tokens)
+        new_ids = {t: i for i, t in enumerate(order)}
+        data["model"]["vocab"] = new_ids
+        for added in data.get("added_tokens", []):
+            added["id"] = new_ids[added["content"]]
+        tok = Tokenizer.from_str(json.dumps(data))
     else:
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=_VOCAB_TARGET,
-            special_tokens=[_BOS, _EOS, _PAD, _UNK],
+            special_tokens=list(leading),
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-    tok.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer=trainer)
+        tok.train_from_iterator(lines, trainer=trainer)
     if extra_tokens:
         tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in extra_tokens])
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special_tokens])
     return tok
 
 
-def _chat_template(image_text: str, video_text: str | None, *, user: str = "USER", assistant: str = "ASSISTANT") -> str:
-    """Jinja chat template: strings or content lists of text/image/video parts."""
-    # json.dumps gives a string literal that is also valid in jinja (double quotes, \n escapes)
+def _chat_template(
+    image_text: str, video_text: str | None, *, bos: bool = True, user: str = "USER", assistant: str = "ASSISTANT"
+) -> str:
+    """Jinja chat template: string content or content lists of text/image/video parts.
+
+    Each image part becomes ``image_text`` and each video part ``video_text`` (the model's
+    per-item placeholder text, which the processor then expands). Turns are
+    ``"USER: ...\n"`` / ``"ASSISTANT: ...</s>\n"``; ``add_generation_prompt`` adds
+    ``"ASSISTANT:"``.
+    """
+    # json.dumps gives a string literal that jinja also reads (double quotes, \n escapes).
     img = json.dumps(image_text)
-    vid = json.dumps(video_text) if video_text else None
-    video_branch = f"{{%- elif part['type'] == 'video' -%}}{{{{- {vid} -}}}}" if vid else ""
+    video_branch = ""
+    if video_text:
+        video_branch = (
+            "{%- elif part['type'] == 'video' or part['type'] == 'video_url' -%}"
+            "{{- " + json.dumps(video_text) + " -}}"
+        )
     return (
-        "{{- bos_token -}}"
-        "{%- for message in messages -%}"
+        ("{{- bos_token -}}" if bos else "")
+        + "{%- for message in messages -%}"
         "{%- if message['role'] == 'user' -%}{{- '" + user + ": ' -}}"
         "{%- elif message['role'] == 'assistant' -%}{{- '" + assistant + ": ' -}}"
         "{%- else -%}{{- message['role'] | upper + ': ' -}}{%- endif -%}"
         "{%- if message['content'] is string -%}{{- message['content'] -}}"
         "{%- else -%}{%- for part in message['content'] -%}"
         "{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
-        f"{{%- elif part['type'] == 'image' or part['type'] == 'image_url' -%}}{{{{- {img} -}}}}"
-        f"{video_branch}"
-        "{%- endif -%}{%- endfor -%}{%- endif -%}"
+        "{%- elif part['type'] == 'image' or part['type'] == 'image_url' -%}{{- " + img + " -}}"
+        + video_branch
+        + "{%- endif -%}{%- endfor -%}{%- endif -%}"
         "{%- if message['role'] == 'assistant' -%}{{- eos_token -}}{%- endif -%}"
         "{{- '\\n' -}}"
         "{%- endfor -%}"
@@ -163,6 +263,7 @@ def _make_tokenizer(
     extra: list[str] | None = None,
     chat_template: str,
     sentencepiece_style: bool = False,
+    vocab_tokens: list[str] = (),
     bos: str = _BOS,
     eos: str = _EOS,
     pad: str = _PAD,
@@ -182,7 +283,17 @@ def _make_tokenizer(
     for t in [bos, eos, pad, *(x for x in [unk] if x), *named.values(), *special]:
         if t not in specials:
             specials.append(t)
-    backend = _bpe_tokenizer(list(extra or []), specials, sentencepiece_style=sentencepiece_style)
+    # FuyuProcessor forces pad_token_id = 0: the SentencePiece-style variant starts with pad.
+    leading = [pad, *(x for x in [unk] if x), bos, eos] if sentencepiece_style else [bos, eos, pad]
+    if not sentencepiece_style and unk:
+        leading.append(unk)
+    backend = _bpe_tokenizer(
+        leading,
+        list(extra or []),
+        [t for t in specials if t not in leading],
+        sentencepiece_style=sentencepiece_style,
+        vocab_tokens=list(vocab_tokens),
+    )
     kwargs: dict[str, Any] = dict(
         tokenizer_object=backend,
         bos_token=bos,
@@ -255,16 +366,6 @@ def _rename_safetensors(model_dir: pathlib.Path, rename: Callable[[str], str]) -
         index.write_text(json.dumps(data, indent=2))
 
 
-def _prefix_renamer(pairs: list[tuple[str, str]]) -> Callable[[str], str]:
-    def rename(key: str) -> str:
-        for old, new in pairs:
-            if key.startswith(old):
-                return new + key[len(old) :]
-        return key
-
-    return rename
-
-
 def _vision_model_renamer(tower: str) -> Callable[[str], str]:
     """Hub layout for CLIP/SigLIP towers: ``<tower>.X`` -> ``<tower>.vision_model.X``.
 
@@ -296,9 +397,12 @@ def _check_reload(model, model_dir: pathlib.Path) -> None:
             raise RuntimeError(f"reload changed tensor {k}")
 
 
-def _text_kwargs(vocab_size: int, **over) -> dict[str, Any]:
+def _text_kwargs(tok, **over) -> dict[str, Any]:
     kw = dict(
-        vocab_size=vocab_size,
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
         hidden_size=_TEXT_HIDDEN,
         intermediate_size=_TEXT_INTERMEDIATE,
         num_hidden_layers=_TEXT_LAYERS,
@@ -349,7 +453,7 @@ def _build_llava(seed: int):
         patch_size=patch,
         projection_dim=64,
     )
-    text = LlamaConfig(**_text_kwargs(len(tok)))
+    text = LlamaConfig(**_text_kwargs(tok))
     cfg = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -401,7 +505,7 @@ def _build_qwen2_vl(seed: int):
     mrope = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]  # 4, 6, 6: sums to head_dim/2
     assert sum(mrope) == head_dim // 2
     text = Qwen2VLTextConfig(
-        **_text_kwargs(len(tok)),
+        **_text_kwargs(tok),
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
     )
     vision = Qwen2VLVisionConfig(
@@ -436,7 +540,7 @@ def _build_qwen2_vl(seed: int):
         image_std=_IMAGE_STD,
     )
     improc = Qwen2VLImageProcessor(**common)
-    vidproc = Qwen2VLVideoProcessor(**common, min_frames=2, max_frames=8)
+    vidproc = Qwen2VLVideoProcessor(**common, min_frames=2, max_frames=8, cap_pixels_per_frame=False)
     proc = Qwen2VLProcessor(
         image_processor=improc, tokenizer=tok, video_processor=vidproc, chat_template=tok.chat_template
     )
@@ -470,7 +574,7 @@ def _build_llava_onevision(seed: int):
         patch_size=patch,
         vision_use_head=False,
     )
-    text = Qwen2Config(**_text_kwargs(len(tok)))
+    text = Qwen2Config(**_text_kwargs(tok))
     cfg = LlavaOnevisionConfig(
         vision_config=vision,
         text_config=text,
@@ -520,7 +624,7 @@ def _build_mistral3(seed: int):
     img, brk, end = "[IMG]", "[IMG_BREAK]", "[IMG_END]"
     tok = _make_tokenizer(
         named={"image_token": img, "image_break_token": brk, "image_end_token": end},
-        chat_template=_chat_template(img, None, user="[INST]", assistant="[/INST]"),
+        chat_template=_chat_template(img, None),
     )
     image_size, patch, merge = 64, 8, 2
     vision = PixtralVisionConfig(
@@ -532,7 +636,7 @@ def _build_mistral3(seed: int):
         image_size=image_size,
         patch_size=patch,
     )
-    text = MistralConfig(**_text_kwargs(len(tok)), sliding_window=None)
+    text = MistralConfig(**_text_kwargs(tok), sliding_window=None)
     cfg = Mistral3Config(
         vision_config=vision,
         text_config=text,
@@ -563,11 +667,165 @@ def _build_mistral3(seed: int):
     return model, proc, None
 
 
+def _build_gemma3(seed: int):
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    boi, eoi, soft = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+    tok = _make_tokenizer(
+        named={"boi_token": boi, "eoi_token": eoi, "image_token": soft},
+        special=["<start_of_turn>", "<end_of_turn>"],
+        # vLLM's Gemma3 processor looks these up as single vocabulary entries.
+        extra=["\n", "\n\n", "\n\n\n", "\n\n\n\n"],
+        chat_template=_chat_template(boi, None),
+        bos="<bos>",
+        eos="<eos>",
+    )
+    image_size, patch, tokens_per_image = 64, 8, 16  # 8x8 patches pooled to 4x4
+    head_dim = _TEXT_HIDDEN // _TEXT_HEADS
+    text = Gemma3TextConfig(
+        **_text_kwargs(tok),
+        query_pre_attn_scalar=head_dim,
+        # Both layers sliding (the default for 2 layers), window > max_model_len. With a
+        # full_attention layer, vLLM 0.32 and transformers 5.19 disagreed from the 3rd token.
+        sliding_window=_MAX_POS,
+        layer_types=["sliding_attention", "sliding_attention"],
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch,
+        vision_use_head=False,
+    )
+    cfg = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=tokens_per_image,
+        boi_token_index=tok.convert_tokens_to_ids(boi),
+        eoi_token_index=tok.convert_tokens_to_ids(eoi),
+        image_token_index=tok.convert_tokens_to_ids(soft),
+        tie_word_embeddings=False,
+    )
+    _set_token_ids(cfg, tok)
+    improc = Gemma3ImageProcessor(
+        size={"height": image_size, "width": image_size}, image_mean=_IMAGE_MEAN, image_std=_IMAGE_STD
+    )
+    proc = Gemma3Processor(
+        image_processor=improc, tokenizer=tok, chat_template=tok.chat_template, image_seq_length=tokens_per_image
+    )
+    model = Gemma3ForConditionalGeneration(cfg)
+    return model, proc, _vision_model_renamer("vision_tower")
+
+
+def _build_idefics3(seed: int):
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+        LlamaConfig,
+    )
+
+    image = "<image>"
+    structural = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
+    structural += [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    tok = _make_tokenizer(
+        named={"image_token": image}, special=structural, chat_template=_chat_template(image, None)
+    )
+    tile, patch, scale = 32, 8, 2
+    vision = Idefics3VisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=tile,
+        patch_size=patch,
+    )
+    text = LlamaConfig(**_text_kwargs(tok))
+    cfg = Idefics3Config(
+        vision_config=vision,
+        text_config=text,
+        scale_factor=scale,
+        image_token_id=tok.convert_tokens_to_ids(image),
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    _set_token_ids(cfg, tok)
+    improc = Idefics3ImageProcessor(
+        size={"longest_edge": 2 * tile},  # at most 2x2 tiles + the global image
+        max_image_size={"longest_edge": tile},
+        image_mean=_IMAGE_MEAN,
+        image_std=_IMAGE_STD,
+    )
+    proc = Idefics3Processor(
+        image_processor=improc,
+        tokenizer=tok,
+        image_seq_len=(tile // patch) ** 2 // scale**2,
+        chat_template=tok.chat_template,
+    )
+    model = Idefics3ForConditionalGeneration(cfg)
+    return model, proc, None
+
+
+def _build_fuyu(seed: int):
+    from transformers import FuyuConfig, FuyuForCausalLM, FuyuImageProcessor, FuyuProcessor
+
+    speaker, newline, boa = "|SPEAKER|", "|NEWLINE|", "<0x04>"
+    # FuyuProcessor puts |SPEAKER| in front of the text itself: the template emits nothing for
+    # an image part (a |SPEAKER| in the text would be a second image placeholder).
+    tok = _make_tokenizer(
+        special=[boa],
+        vocab_tokens=[speaker, newline],
+        # FuyuProcessor also adds <s> itself (after the image placeholders): no BOS here.
+        chat_template=_chat_template("", None, bos=False),
+        sentencepiece_style=True,
+        bos="<s>",
+        eos="|ENDOFTEXT|",
+    )
+    image_size, patch = 32, 8
+    cfg = FuyuConfig(
+        vocab_size=len(tok),
+        hidden_size=_TEXT_HIDDEN,
+        intermediate_size=_TEXT_INTERMEDIATE,
+        num_hidden_layers=_TEXT_LAYERS,
+        num_attention_heads=_TEXT_HEADS,
+        max_position_embeddings=_MAX_POS,
+        image_size=image_size,
+        patch_size=patch,
+        num_channels=3,
+        image_token_id=tok.convert_tokens_to_ids(speaker),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    improc = FuyuImageProcessor(
+        size={"height": image_size, "width": image_size}, patch_size={"height": patch, "width": patch}
+    )
+    proc = FuyuProcessor(image_processor=improc, tokenizer=tok)
+    proc.chat_template = tok.chat_template
+    model = FuyuForCausalLM(cfg)
+    return model, proc, None
+
+
 _BUILDERS: dict[str, Callable[[int], tuple[Any, Any, Callable[[str], str] | None]]] = {
     "llava": _build_llava,
     "qwen2_vl": _build_qwen2_vl,
     "llava_onevision": _build_llava_onevision,
     "mistral3": _build_mistral3,
+    "gemma3": _build_gemma3,
+    "idefics3": _build_idefics3,
+    "fuyu": _build_fuyu,
 }
 
 
@@ -576,8 +834,19 @@ _BUILDERS: dict[str, Callable[[int], tuple[Any, Any, Callable[[str], str] | None
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
+def _recipe_digest() -> str:
+    """Changes whenever this file or the libraries that shape the output change."""
+    from importlib.metadata import version
+
+    h = hashlib.sha256(pathlib.Path(__file__).read_bytes())
+    for dist in ("transformers", "tokenizers", "safetensors"):
+        h.update(f"{dist}=={version(dist)}".encode())
+    return h.hexdigest()[:16]
+
+
 def _marker_payload(arch: str, seed: int) -> dict[str, Any]:
-    return {"arch": arch, "seed": seed, "version": _BUILD_VERSION}
+    return {"arch": arch, "seed": seed, "version": _BUILD_VERSION, "recipe": _recipe_digest()}
 
 
 def _is_complete(model_dir: pathlib.Path, arch: str, seed: int) -> bool:
@@ -591,7 +860,8 @@ def _is_complete(model_dir: pathlib.Path, arch: str, seed: int) -> bool:
 def _build_into(arch: str, target: pathlib.Path, seed: int) -> None:
     import torch
 
-    torch.manual_seed(seed)  # module construction draws from the global RNG; keep it stable
+    # Every parameter is re-drawn from a private generator: the caller's global RNG state
+    # is neither used for the result nor needs to be seeded.
     model, proc, rename = _BUILDERS[arch](seed)
     model = model.to(torch.float32).eval()
     _redraw_weights(model, seed)
@@ -628,3 +898,34 @@ def build_tiny_model(arch: str, out_dir: str | os.PathLike, *, seed: int = 0) ->
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def warm_vllm_model_info_cache(model_dir: str | os.PathLike) -> bool:
+    """Best effort: fill vLLM's model-info cache for the architecture in ``model_dir``.
+
+    On a cache miss, vLLM 0.32 inspects the model class in a fresh Python subprocess that
+    imports vLLM again (about 25-30 s on a 2-core machine, once per architecture, cached under
+    ``$VLLM_CACHE_ROOT/modelinfos``). Doing the same inspection in-process takes well under a
+    second once vLLM is imported. Uses vLLM internals: returns False (and does nothing) if they
+    changed.
+    """
+    try:
+        import importlib.util
+
+        from vllm.model_executor.models.registry import ModelRegistry, _LazyRegisteredModel, _ModelInfo
+
+        archs = json.loads((pathlib.Path(model_dir) / "config.json").read_text()).get("architectures") or []
+        for name in archs:
+            entry = ModelRegistry.models.get(name)
+            if not isinstance(entry, _LazyRegisteredModel):
+                continue
+            spec = importlib.util.find_spec(entry.module_name)
+            if spec is None or not spec.origin:
+                continue
+            module_hash = entry._get_modelinfo_module_hash(pathlib.Path(spec.origin))
+            if entry._load_modelinfo_from_cache(module_hash) is None:
+                entry._save_modelinfo_to_cache(_ModelInfo.from_model_cls(entry.load_model_cls()), module_hash)
+        return True
+    except Exception:  # noqa: BLE001 - purely an optimisation
+        return False
+

@@ -1,0 +1,116 @@
+"""`vlm serve-preprocessor`: run the preprocessor gRPC service.
+
+    vlm serve-preprocessor --model MODEL [--model-impl auto|transformers] [--host H] [--port P]
+                           [--metrics-port M] [--workers N] [--max-queue Q]
+                           [--model-target HOST:PORT] ...
+
+Loads the model's config, tokenizer and processor only (no weights) in each worker process,
+warms every worker up, then reports SERVING.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+
+from preprocessor_svc.media import MediaLimits
+from preprocessor_svc.metrics import PreprocessorMetrics
+from preprocessor_svc.processing import MODEL_IMPLS, PreprocessorConfig
+from vlm.server import ServerOptions, configure_logging
+
+log = logging.getLogger("preprocessor_svc")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlm serve-preprocessor", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="local checkpoint dir or hub id")
+    p.add_argument("--model-impl", choices=MODEL_IMPLS, default="auto",
+                   help="vLLM model implementation; must match the model service's")
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--revision", default=None)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--dtype", default="auto", help="must resolve to the model service's dtype")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--metrics-host", default="127.0.0.1")
+    p.add_argument("--metrics-port", type=int, default=9101, help="-1 disables /metrics")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="preprocessing worker processes (0 = in-process thread)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a worker before RESOURCE_EXHAUSTED")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--limit-mm-per-prompt", type=json.loads, default=None,
+                   help='max items per modality, e.g. \'{"image": 4, "video": 1}\'')
+    p.add_argument("--mm-processor-kwargs", type=json.loads, default=None,
+                   help="deployment-wide processor kwargs (JSON)")
+    p.add_argument("--processor-cache-bytes", type=int, default=512 << 20,
+                   help="vLLM processor cache per worker (processed items by hash); 0 disables")
+    p.add_argument("--max-image-bytes", type=int, default=MediaLimits.max_image_bytes)
+    p.add_argument("--max-image-pixels", type=int, default=MediaLimits.max_image_pixels)
+    p.add_argument("--max-video-bytes", type=int, default=MediaLimits.max_video_bytes)
+    p.add_argument("--request-timeout", type=float, default=120.0,
+                   help="seconds one prompt may take in a worker")
+    p.add_argument("--model-target", default=None,
+                   help="model service HOST:PORT that Generate forwards to")
+    p.add_argument("--max-message-bytes", type=int, default=256 << 20)
+    p.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> PreprocessorConfig:
+    return PreprocessorConfig(
+        model=args.model,
+        model_impl=args.model_impl,
+        workers=args.workers,
+        max_queue=args.max_queue,
+        max_model_len=args.max_model_len,
+        limit_mm_per_prompt=args.limit_mm_per_prompt,
+        media_limits=MediaLimits(
+            max_image_bytes=args.max_image_bytes,
+            max_image_pixels=args.max_image_pixels,
+            max_video_bytes=args.max_video_bytes,
+        ),
+        cache_bytes=args.processor_cache_bytes,
+        trust_remote_code=args.trust_remote_code,
+        tokenizer=args.tokenizer,
+        revision=args.revision,
+        dtype=args.dtype,
+        mm_processor_kwargs=args.mm_processor_kwargs,
+        request_timeout_s=args.request_timeout,
+    )
+
+
+async def serve(args: argparse.Namespace) -> None:
+    from preprocessor_svc.app import PreprocessorApp
+
+    options = ServerOptions(
+        host=args.host,
+        port=args.port,
+        metrics_host=args.metrics_host,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        max_message_bytes=args.max_message_bytes,
+        grace_s=args.grace,
+    )
+    app = await PreprocessorApp.start(
+        config_from_args(args), options, PreprocessorMetrics(), model_target=args.model_target
+    )
+    try:
+        await app.grpc.serve_until_signal()
+    finally:
+        await app.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,771 @@
+"""The preprocessor's domain core: prompts plus media in, vLLM-ready `vlm.types.Prompt` out.
+
+All multimodal work is vLLM's own: a renderer built from the model's vLLM config
+(`vllm.renderers.registry.renderer_from_config`) tokenizes text, applies the chat template,
+runs the model's multimodal processor (HF processor + vLLM's placeholder expansion), hashes
+items with vLLM's hasher and caches processed items in vLLM's processor cache. Only the
+configuration, tokenizer and processor files are loaded, never the weights.
+
+What this module adds around the renderer:
+
+* media decoding under limits (`preprocessor_svc.media`), with errors naming request fields;
+* a per-request processor-kwargs allow-list (`PROCESSOR_KWARGS`);
+* checks vLLM does not do: placeholder count vs. media count, items per modality, prompt length
+  after expansion;
+* conversion of vLLM's `MultiModalInput` into `vlm.types.Prompt` (items in prompt order, each
+  with its own tensors and field layout) plus metrics for the servicer.
+
+`Processor` is synchronous and single-threaded; `preprocessor_svc.pool.Preprocessor` runs one per
+worker process and exposes the async facade. Importing this module does not import vLLM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import time
+import typing
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from preprocessor_svc.media import MediaDecoder, MediaLimits
+from vlm.errors import (
+    Internal,
+    InvalidArgument,
+    LimitExceeded,
+    PromptTooLong,
+    VlmError,
+)
+from vlm.fingerprint import compute_fingerprint
+from vlm.types import (
+    FieldLayout,
+    Item,
+    ItemField,
+    Media,
+    ModalityInfo,
+    Modality,
+    ModelInfo,
+    Placeholder,
+    Prompt,
+    PromptInput,
+)
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+MODEL_IMPLS = ("auto", "transformers")
+
+# ---------------------------------------------------------------------------------------------
+# Per-request processor kwargs: the allow-list
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KwargSpec:
+    """One allowed per-request processor option.
+
+    `target` says where it goes: "processor" → vLLM's `mm_processor_kwargs` (passed on to the HF
+    processor); "video_io" → vLLM's `media_io_kwargs["video"]` (the video loader's frame
+    sampling). Both are part of every affected item's hash (vLLM puts them in the hash).
+    A "processor" option is offered only if the model's HF image or video processor declares
+    it; a "video_io" option only if the model takes videos.
+    """
+
+    kind: type
+    target: str
+    minimum: float | None = None
+    maximum: float | None = None
+    #: The value must be strictly greater than `minimum`.
+    exclusive_minimum: bool = False
+    #: MediaLimits attribute that caps the value (e.g. pixels can't exceed max_image_pixels).
+    maximum_from_limit: str | None = None
+    doc: str = ""
+
+
+PROCESSOR_KWARGS: Mapping[str, KwargSpec] = {
+    "max_pixels": KwargSpec(
+        int, "processor", 1, maximum_from_limit="max_image_pixels",
+        doc="Qwen2-VL family: upper bound on pixels after resizing (fewer/more patches).",
+    ),
+    "min_pixels": KwargSpec(
+        int, "processor", 1, maximum_from_limit="max_image_pixels",
+        doc="Qwen2-VL family: lower bound on pixels after resizing.",
+    ),
+    "do_pan_and_scan": KwargSpec(bool, "processor", doc="Gemma 3: extra crops of large images."),
+    "num_frames": KwargSpec(
+        int, "video_io", 1, 1024,
+        doc="Videos: frames sampled uniformly by vLLM's video loader (default 32). Loaders that "
+        "sample by fps (Qwen2-VL) ignore it.",
+    ),
+    "fps": KwargSpec(
+        float, "video_io", 0, 30, exclusive_minimum=True,
+        doc="Videos: sampling rate of vLLM's video loader (the smaller of num_frames and "
+        "duration * fps wins; Qwen2-VL's loader samples by fps only).",
+    ),
+}
+
+
+def _normalize_kwarg(name: str, spec: KwargSpec, value: Any, limits: MediaLimits) -> Any:
+    """Validate one option; ints arriving as integral floats (protobuf Struct) become ints so
+    that equal requests hash equally."""
+    path = f"processor_options.kwargs.{name}"
+    if spec.kind is bool:
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"{name} must be a boolean", field=path)
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgument(f"{name} must be a number", field=path)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidArgument(f"{name} must be finite", field=path)
+    if spec.kind is int:
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise InvalidArgument(f"{name} must be an integer", field=path)
+            value = int(value)
+    else:
+        value = float(value)
+    maximum = spec.maximum
+    if spec.maximum_from_limit is not None:
+        maximum = getattr(limits, spec.maximum_from_limit)
+    if spec.minimum is not None:
+        if spec.exclusive_minimum and value <= spec.minimum:
+            raise InvalidArgument(f"{name} must be greater than {spec.minimum}", field=path)
+        if value < spec.minimum:
+            raise InvalidArgument(f"{name} must be at least {spec.minimum}", field=path)
+    if maximum is not None and value > maximum:
+        raise InvalidArgument(f"{name} must be at most {maximum}", field=path)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration and results
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreprocessorConfig:
+    """Everything a preprocessor (and each of its workers) is built from."""
+
+    #: Local checkpoint directory or hub id (the hub id needs a populated HF cache offline).
+    model: str
+    #: vLLM's model implementation: "auto" (native classes) or "transformers" (vLLM's
+    #: Transformers backend, whose item field layouts differ).
+    model_impl: str = "auto"
+    #: Worker processes; 0 = process in this process, on one thread (tests, debugging).
+    workers: int = 1
+    #: Requests allowed to wait for a worker; beyond that, ResourceExhausted.
+    max_queue: int = 64
+    #: None: the model's own context length.
+    max_model_len: int | None = None
+    #: Max items per modality per prompt (vLLM's limit_mm_per_prompt); None: vLLM's default.
+    limit_mm_per_prompt: Mapping[str, int] | None = None
+    media_limits: MediaLimits = field(default_factory=MediaLimits)
+    #: vLLM processor cache (processed items by hash), in bytes, per worker; 0 disables it.
+    cache_bytes: int = 512 * MiB
+    trust_remote_code: bool = False
+    tokenizer: str | None = None
+    revision: str | None = None
+    #: vLLM's dtype ("auto", "bfloat16", ...). Float pixel values come out in this dtype, so
+    #: it must resolve to the model service's dtype (the fingerprint does not cover it).
+    dtype: str = "auto"
+    #: Deployment-wide processor kwargs (vLLM's --mm-processor-kwargs).
+    mm_processor_kwargs: Mapping[str, Any] | None = None
+    #: Deployment-wide media loader kwargs per modality (vLLM's --media-io-kwargs).
+    media_io_kwargs: Mapping[str, Mapping[str, Any]] | None = None
+    #: Subset of PROCESSOR_KWARGS offered to requests; None: all that apply to the model.
+    allowed_processor_kwargs: frozenset[str] | None = None
+    #: Per-request processing deadline in a worker process (the worker is restarted after it).
+    request_timeout_s: float | None = 120.0
+    startup_timeout_s: float = 600.0
+    #: Process one dummy image in each worker at start-up.
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if self.model_impl not in MODEL_IMPLS:
+            raise ValueError(f"model_impl must be one of {MODEL_IMPLS}, not {self.model_impl!r}")
+        if self.workers < 0:
+            raise ValueError("workers must be >= 0")
+        if self.max_queue < 0:
+            raise ValueError("max_queue must be >= 0")
+        if self.cache_bytes < 0:
+            raise ValueError("cache_bytes must be >= 0")
+        unknown = set(self.allowed_processor_kwargs or ()) - set(PROCESSOR_KWARGS)
+        if unknown:
+            raise ValueError(f"allowed_processor_kwargs has unknown names: {sorted(unknown)}")
+
+
+@dataclass(frozen=True)
+class ModalityMetrics:
+    items: int = 0
+    #: Encoded media bytes received.
+    media_bytes: int = 0
+    #: Time spent decoding this modality's media (Pillow / video decoding).
+    decode_seconds: float = 0.0
+    #: Bytes of the item tensors produced.
+    feature_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class PreprocessMetrics:
+    """Numbers for the servicer's Prometheus metrics, one request."""
+
+    #: "text" | "token_ids" | "messages"
+    input_kind: str
+    #: Expanded prompt length.
+    prompt_tokens: int
+    modalities: Mapping[str, ModalityMetrics]
+    #: vLLM renderer time: tokenization / chat template and multimodal processing (all
+    #: modalities together; vLLM processes them in one call).
+    process_seconds: float
+    #: Everything inside the worker (decode + process + conversion).
+    total_seconds: float
+    #: vLLM processor-cache lookups that hit / missed in this request.
+    cache_hits: int = 0
+    cache_misses: int = 0
+    #: Bytes held by this worker's processor cache after the request.
+    cache_bytes: int = 0
+    #: Time waiting for a worker (set by the pool).
+    queue_seconds: float = 0.0
+    #: Which worker ran it (index; -1 in-process) and its pid.
+    worker: int = -1
+    pid: int = 0
+
+
+@dataclass(frozen=True)
+class PreprocessResult:
+    prompt: Prompt
+    metrics: PreprocessMetrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The processor
+# ---------------------------------------------------------------------------------------------
+
+
+_INPUT_FIELDS = {"text": "prompt.text", "token_ids": "prompt.token_ids", "messages": "prompt.messages"}
+
+
+@dataclass(frozen=True)
+class _MediaRef:
+    media: Media
+    #: Request path of the Media message: "media[2]" or "prompt.messages[0].content[1].media".
+    path: str
+
+
+class Processor:
+    """vLLM's renderer for one model, plus the checks and conversions around it. Not thread-safe."""
+
+    def __init__(self, config: PreprocessorConfig, *, worker: int = -1) -> None:
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.renderers.registry import renderer_from_config
+
+        t0 = time.perf_counter()
+        self.config = config
+        self.worker = worker
+        engine_args = EngineArgs(**_engine_kwargs(config))
+        self.vllm_config = engine_args.create_engine_config()
+        self.model_config = mc = self.vllm_config.model_config
+        if mc.is_encoder_decoder:
+            raise ValueError(f"{config.model}: encoder-decoder models are not supported")
+        self.renderer = renderer_from_config(self.vllm_config)
+        self.tokenizer = self.renderer.get_tokenizer()
+        self.mm_processor = self.renderer.mm_processor  # None for a text-only model
+        # The renderer's default processor cache on P0 (lru) mirrors an engine-side cache and
+        # returns items *without data* on a hit. Its "processor-only" cache (the one the
+        # renderer uses for `skip_mm_cache=True`) keeps the full items: use that one.
+        self._mm_cache = getattr(self.renderer, "_mm_processor_only_cache", None)
+        self.max_model_len: int = mc.max_model_len
+        # The same digest the model service computes (vlm.fingerprint): config, processor and
+        # tokenizer files, model_impl and vLLM's release.
+        self.fingerprint = compute_fingerprint(
+            config.model, config.model_impl, revision=config.revision
+        )
+        self._modalities = self._build_modalities()
+        self._count_tokens = {m.modality.value: t for m, t in self._modalities}
+        self.decoder = self._build_decoder()
+        self.allowed_kwargs = self._build_allowed_kwargs()
+        self.build_seconds = time.perf_counter() - t0
+
+    # -- start-up -----------------------------------------------------------------------------
+
+    def _build_modalities(self) -> list[tuple[ModalityInfo, int | None]]:
+        """Per supported modality: its info and the token whose count must equal the items'."""
+        if self.mm_processor is None:
+            return []
+        from vllm.model_executor.model_loader.utils import get_model_cls
+
+        info = self.mm_processor.info
+        supported = [m.value for m in Modality if m.value in info.get_supported_mm_limits()]
+        allowed = info.allowed_mm_limits
+        model_cls = get_model_cls(self.model_config)
+        texts: dict[str, str] = {}
+        for m in supported:
+            text = None
+            with contextlib.suppress(Exception):
+                text = model_cls.get_placeholder_str(m, 1)
+            if not text:
+                text = self.mm_processor.dummy_inputs.get_dummy_text({m: 1})
+            texts[m] = text
+        ids = {m: self.tokenizer.encode(t, add_special_tokens=False) for m, t in texts.items()}
+        out = []
+        for m in supported:
+            others = {t for o in supported if o != m for t in ids[o]}
+            distinct = [t for t in ids[m] if t not in others]
+            count_token = distinct[0] if len(set(distinct)) == 1 else None
+            if count_token is None:
+                logger.warning(
+                    "%s: no single placeholder token for %s (%r); the placeholder count check "
+                    "is off for it",
+                    self.config.model,
+                    m,
+                    texts[m],
+                )
+            out.append(
+                (
+                    ModalityInfo(
+                        modality=Modality(m),
+                        placeholder_token_ids=tuple(distinct) or tuple(ids[m]),
+                        placeholder_text=texts[m],
+                        max_items_per_prompt=int(allowed.get(m, 0)),
+                    ),
+                    count_token,
+                )
+            )
+        return out
+
+    def _build_decoder(self) -> MediaDecoder:
+        from vllm.multimodal.video import get_video_loader_backend_for_processor
+        from vllm.transformers_utils.processor import get_video_processor_cls_name
+
+        mm_config = self.model_config.multimodal_config
+        io_kwargs = dict(mm_config.media_io_kwargs or {}) if mm_config is not None else {}
+        backend = None
+        if "video" in self._count_tokens:
+            with contextlib.suppress(Exception):
+                backend = get_video_loader_backend_for_processor(
+                    get_video_processor_cls_name(self.model_config)
+                )
+        return MediaDecoder(
+            limits=self.config.media_limits,
+            image_io_kwargs=dict(io_kwargs.get("image", {})),
+            video_io_kwargs=dict(io_kwargs.get("video", {})),
+            video_backend=backend,
+        )
+
+    def _build_allowed_kwargs(self) -> dict[str, KwargSpec]:
+        wanted = self.config.allowed_processor_kwargs
+        names = set(PROCESSOR_KWARGS) if wanted is None else set(wanted)
+        hf_names: set[str] | None = None
+        if self.mm_processor is not None:
+            try:
+                hf = self.mm_processor.info.get_hf_processor()
+                hf_names = set()
+                for attr in ("image_processor", "video_processor"):
+                    sub = getattr(hf, attr, None)
+                    valid = getattr(sub, "valid_kwargs", None)
+                    if valid is not None:
+                        hf_names |= set(typing.get_type_hints(valid))
+            except Exception:  # noqa: BLE001 - can't introspect: offer the documented list
+                hf_names = None
+        out = {}
+        for name in sorted(names):
+            spec = PROCESSOR_KWARGS[name]
+            if spec.target == "video_io" and "video" not in self._count_tokens:
+                continue
+            if spec.target == "processor" and (
+                self.mm_processor is None or (hf_names is not None and name not in hf_names)
+            ):
+                continue
+            out[name] = spec
+        return out
+
+    def model_info(self) -> ModelInfo:
+        eos: list[int] = []
+        if self.tokenizer.eos_token_id is not None:
+            eos.append(int(self.tokenizer.eos_token_id))
+        with contextlib.suppress(Exception):
+            gen_eos = self.model_config.try_get_generation_config().get("eos_token_id")
+            for t in [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or ()):
+                if int(t) not in eos:
+                    eos.append(int(t))
+        return ModelInfo(
+            model_id=self.config.model,
+            fingerprint=self.fingerprint,
+            max_model_len=self.max_model_len,
+            vocab_size=int(self.model_config.get_vocab_size()),
+            eos_token_ids=tuple(eos),
+            modalities=tuple(m for m, _ in self._modalities),
+        )
+
+    def warmup(self) -> None:
+        """Process one dummy image (checks that every field is a single tensor), then clear the
+        cache so that the warm-up does not count."""
+        if "image" not in self._count_tokens:
+            return
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), (127, 127, 127)).save(buf, "PNG")
+        placeholder = next(m.placeholder_text for m, _ in self._modalities if m.modality == Modality.IMAGE)
+        self.process(PromptInput(text=placeholder, media=(Media(Modality.IMAGE, buf.getvalue()),)))
+        if self._mm_cache is not None:
+            self._mm_cache.clear_cache()
+            self._mm_cache.make_stats(delta=True)
+
+    # -- per request --------------------------------------------------------------------------
+
+    def process(
+        self, prompt: PromptInput, processor_kwargs: Mapping[str, Any] | None = None
+    ) -> PreprocessResult:
+        t_start = time.perf_counter()
+        kind = _input_kind(prompt)
+        prompt_field = _INPUT_FIELDS[kind]
+        hf_kwargs, video_io = self._split_kwargs(processor_kwargs)
+        refs = self._media_refs(prompt, kind)
+        self._check_items(refs, kind)
+
+        # Decode (per modality timing), keeping request order within each modality.
+        decoded: dict[str, list[Any]] = {}
+        decode_s: dict[str, float] = {}
+        media_bytes: dict[str, int] = {}
+        by_ref: list[Any] = []
+        for ref in refs:
+            m = ref.media.modality.value
+            t0 = time.perf_counter()
+            obj = self.decoder.decode(ref.media, ref.path, video_io_overrides=video_io or None)
+            decode_s[m] = decode_s.get(m, 0.0) + time.perf_counter() - t0
+            media_bytes[m] = media_bytes.get(m, 0) + len(ref.media.data)
+            decoded.setdefault(m, []).append(obj)
+            by_ref.append(obj)
+
+        t_proc = time.perf_counter()
+        with _vllm_errors(prompt_field, "tokenization"):
+            tok_prompt, tok_params, prompt_text = self._tokenize(prompt, kind, refs, by_ref)
+        ids = tok_prompt.get("prompt_token_ids")
+        if not ids:
+            raise InvalidArgument("the prompt is empty", field=prompt_field)
+        self._check_placeholders(ids, refs, kind, prompt_field)
+
+        if decoded:
+            tok_prompt["multi_modal_data"] = decoded
+            tok_prompt.pop("multi_modal_uuids", None)
+            if hf_kwargs:
+                tok_prompt["mm_processor_kwargs"] = hf_kwargs
+            tok_prompt["media_io_kwargs"] = {"video": dict(video_io)} if video_io else {}
+        else:
+            for key in ("multi_modal_data", "multi_modal_uuids"):
+                tok_prompt.pop(key, None)
+
+        if self._mm_cache is not None:
+            self._mm_cache.make_stats(delta=True)
+        with _vllm_errors(prompt_field, "multimodal processing"):
+            engine_input = self.renderer.process_for_engine(
+                tok_prompt, time.time(), skip_mm_cache=True, tok_params=tok_params
+            )
+        hits = misses = cache_bytes = 0
+        if self._mm_cache is not None:
+            info = self._mm_cache.make_stats(delta=True)
+            hits, misses = int(info.hits), int(info.total - info.hits)
+            cache_bytes = int(getattr(getattr(self._mm_cache, "_cache", None), "currsize", 0))
+        process_s = time.perf_counter() - t_proc
+
+        out_ids = engine_input["prompt_token_ids"]
+        if len(out_ids) >= self.max_model_len:
+            raise PromptTooLong(
+                f"the prompt is {len(out_ids)} tokens after multimodal expansion; the model's "
+                f"maximum context length is {self.max_model_len} (prompt plus at least one "
+                "generated token)",
+                field=prompt_field,
+            )
+        result_prompt = self._to_prompt(engine_input, prompt_text)
+
+        feature_bytes: dict[str, int] = {}
+        for item in result_prompt.items:
+            feature_bytes[item.modality.value] = feature_bytes.get(item.modality.value, 0) + item.nbytes
+        modalities = {
+            m: ModalityMetrics(
+                items=len(items),
+                media_bytes=media_bytes.get(m, 0),
+                decode_seconds=decode_s.get(m, 0.0),
+                feature_bytes=feature_bytes.get(m, 0),
+            )
+            for m, items in decoded.items()
+        }
+        metrics = PreprocessMetrics(
+            input_kind=kind,
+            prompt_tokens=len(result_prompt.token_ids),
+            modalities=modalities,
+            process_seconds=process_s,
+            total_seconds=time.perf_counter() - t_start,
+            cache_hits=hits,
+            cache_misses=misses,
+            cache_bytes=cache_bytes,
+            worker=self.worker,
+            pid=os.getpid(),
+        )
+        return PreprocessResult(result_prompt, metrics)
+
+    def _split_kwargs(
+        self, kwargs: Mapping[str, Any] | None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        hf: dict[str, Any] = {}
+        video_io: dict[str, Any] = {}
+        for name, value in (kwargs or {}).items():
+            spec = self.allowed_kwargs.get(name)
+            if spec is None:
+                offered = ", ".join(sorted(self.allowed_kwargs)) or "none"
+                raise InvalidArgument(
+                    f"unknown or not allowed processor option {name!r} for this model "
+                    f"(allowed: {offered})",
+                    field=f"processor_options.kwargs.{name}",
+                )
+            value = _normalize_kwarg(name, spec, value, self.config.media_limits)
+            (hf if spec.target == "processor" else video_io)[name] = value
+        # Stable order: the hash covers these dicts in iteration order.
+        return dict(sorted(hf.items())), dict(sorted(video_io.items()))
+
+    def _media_refs(self, prompt: PromptInput, kind: str) -> list[_MediaRef]:
+        if kind != "messages":
+            return [_MediaRef(m, f"media[{i}]") for i, m in enumerate(prompt.media)]
+        if prompt.media:
+            raise InvalidArgument(
+                "chat messages carry their media inline; the media list must be empty",
+                field="media",
+            )
+        refs = []
+        for i, msg in enumerate(prompt.messages or ()):
+            for j, part in enumerate(msg.content):
+                path = f"prompt.messages[{i}].content[{j}]"
+                if (part.text is None) == (part.media is None):
+                    raise InvalidArgument("a content part holds exactly one of text or media", field=path)
+                if part.media is not None:
+                    refs.append(_MediaRef(part.media, f"{path}.media"))
+        return refs
+
+    def _check_items(self, refs: Sequence[_MediaRef], kind: str) -> None:
+        limits = {m.modality.value: m.max_items_per_prompt for m, _ in self._modalities}
+        counts: dict[str, int] = {}
+        for ref in refs:
+            m = ref.media.modality
+            if not isinstance(m, Modality):
+                raise InvalidArgument("unknown modality", field=f"{ref.path}.modality")
+            if m.value not in limits:
+                raise InvalidArgument(
+                    f"this model does not take {m.value} input", field=f"{ref.path}.modality"
+                )
+            counts[m.value] = counts.get(m.value, 0) + 1
+        for m, n in counts.items():
+            if n > limits[m]:
+                raise LimitExceeded(
+                    f"{n} {m} items; at most {limits[m]} per prompt",
+                    field="prompt.messages" if kind == "messages" else "media",
+                )
+
+    def _tokenize(
+        self, prompt: PromptInput, kind: str, refs: Sequence[_MediaRef], by_ref: Sequence[Any]
+    ) -> tuple[dict[str, Any], Any, str | None]:
+        r = self.renderer
+        if kind == "text":
+            params = r.default_cmpl_tok_params
+            tok = r.tokenize_prompt({"prompt": prompt.text}, params)
+            return dict(tok), params, prompt.text
+        if kind == "token_ids":
+            ids = list(prompt.token_ids or ())
+            if any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
+                raise InvalidArgument("token IDs must be integers", field="prompt.token_ids")
+            r.validate_token_ids(ids, parameter="prompt.token_ids")
+            params = r.default_cmpl_tok_params
+            tok = r.tokenize_prompt({"prompt_token_ids": ids}, params)
+            return dict(tok), params, None
+
+        from vllm.renderers.params import ChatParams
+
+        uuids: dict[str, Any] = {}
+        messages = []
+        k = 0
+        for msg in prompt.messages or ():
+            content: list[dict[str, Any]] = []
+            for part in msg.content:
+                if part.text is not None:
+                    content.append({"type": "text", "text": part.text})
+                    continue
+                # Media travel as uuid-only parts: vLLM renders the template (and its
+                # placeholders) without fetching anything; the decoded items are put in
+                # afterwards, by uuid, in the order vLLM's parser collected them.
+                uuid = f"vlm-media-{k}"
+                uuids[uuid] = by_ref[k]
+                key = "image_url" if part.media.modality == Modality.IMAGE else "video_url"
+                content.append({"type": key, key: None, "uuid": uuid})
+                k += 1
+            messages.append({"role": msg.role, "content": content})
+        params = ChatParams(
+            chat_template_kwargs={"add_generation_prompt": prompt.add_generation_prompt}
+        )
+        _, dict_prompt = r.render_messages(messages, params)
+        dict_prompt = dict(dict_prompt)
+        mm_uuids = dict_prompt.pop("multi_modal_uuids", None) or {}
+        dict_prompt.pop("multi_modal_data", None)
+        rebuilt = {m: [uuids[u] for u in us] for m, us in mm_uuids.items() if us}
+        tok_params = r.default_chat_tok_params
+        tok = dict(r.tokenize_prompt(dict_prompt, tok_params))
+        if rebuilt:
+            tok["multi_modal_data"] = rebuilt
+        text = dict_prompt.get("prompt")
+        if not isinstance(text, str):
+            # vLLM applies the template with tokenize=True: recover the text for information.
+            text = self.tokenizer.decode(tok.get("prompt_token_ids") or [])
+        return tok, tok_params, text
+
+    def _check_placeholders(
+        self, ids: Sequence[int], refs: Sequence[_MediaRef], kind: str, prompt_field: str
+    ) -> None:
+        counts: dict[str, int] = {}
+        for ref in refs:
+            counts[ref.media.modality.value] = counts.get(ref.media.modality.value, 0) + 1
+        for info, token in self._modalities:
+            m = info.modality.value
+            if token is None:
+                continue
+            found = sum(1 for t in ids if t == token)
+            want = counts.get(m, 0)
+            if found != want:
+                where = "the rendered chat prompt" if kind == "messages" else "the prompt"
+                raise InvalidArgument(
+                    f"{where} has {found} {m} placeholder(s) ({info.placeholder_text!r}) but "
+                    f"{want} {m} item(s) were given; put exactly one placeholder per item",
+                    field=prompt_field,
+                )
+
+    def _to_prompt(self, engine_input: Mapping[str, Any], prompt_text: str | None) -> Prompt:
+        ids = tuple(int(t) for t in engine_input["prompt_token_ids"])
+        items: list[Item] = []
+        if engine_input.get("type") == "multimodal":
+            kwargs = engine_input["mm_kwargs"]
+            hashes = engine_input["mm_hashes"]
+            for modality, ranges in engine_input["mm_placeholders"].items():
+                mod_kwargs = kwargs.get(modality, [])
+                mod_hashes = hashes.get(modality, [])
+                if not (len(ranges) == len(mod_kwargs) == len(mod_hashes)):
+                    raise Internal(
+                        f"vLLM returned {len(ranges)} {modality} ranges, {len(mod_kwargs)} "
+                        f"feature items and {len(mod_hashes)} hashes"
+                    )
+                for rng, kw, h in zip(ranges, mod_kwargs, mod_hashes):
+                    if kw is None:
+                        raise Internal(f"vLLM returned no features for {modality} item {h}")
+                    fields = {name: _item_field(name, elem) for name, elem in kw.items()}
+                    is_embed = None
+                    if rng.is_embed is not None:
+                        is_embed = tuple(bool(b) for b in rng.is_embed.tolist())
+                    items.append(
+                        Item(
+                            modality=Modality(modality),
+                            hash=str(h),
+                            placeholder=Placeholder(int(rng.offset), int(rng.length), is_embed),
+                            fields=fields,
+                        )
+                    )
+        items.sort(key=lambda it: it.placeholder.offset)
+        return Prompt(self.fingerprint, ids, tuple(items), prompt_text)
+
+    # -- stats ---------------------------------------------------------------------------------
+
+    def cache_size_bytes(self) -> int:
+        cache = getattr(self._mm_cache, "_cache", None)
+        return int(getattr(cache, "currsize", 0) or 0)
+
+
+def _engine_kwargs(config: PreprocessorConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(
+        model=config.model,
+        model_impl=config.model_impl,
+        trust_remote_code=config.trust_remote_code,
+        dtype=config.dtype,
+        max_model_len=config.max_model_len,
+        mm_processor_cache_gb=config.cache_bytes / GiB,
+        # Content hashes are only computed when a cache is on; prefix caching keeps them on
+        # even with cache_bytes=0 (the renderer never uses the KV cache itself).
+        enable_prefix_caching=True,
+    )
+    if config.tokenizer:
+        kwargs["tokenizer"] = config.tokenizer
+    if config.revision:
+        kwargs["revision"] = config.revision
+    if config.limit_mm_per_prompt:
+        kwargs["limit_mm_per_prompt"] = {str(getattr(k, "value", k)): int(v) for k, v in config.limit_mm_per_prompt.items()}
+    if config.mm_processor_kwargs:
+        kwargs["mm_processor_kwargs"] = dict(config.mm_processor_kwargs)
+    if config.media_io_kwargs:
+        kwargs["media_io_kwargs"] = {k: dict(v) for k, v in config.media_io_kwargs.items()}
+    return kwargs
+
+
+def _input_kind(prompt: PromptInput) -> str:
+    set_ = [k for k in ("text", "token_ids", "messages") if getattr(prompt, k) is not None]
+    if len(set_) != 1:
+        raise InvalidArgument(
+            "set exactly one of prompt.text, prompt.token_ids, prompt.messages", field="prompt"
+        )
+    kind = set_[0]
+    if kind == "messages" and not prompt.messages:
+        raise InvalidArgument("no chat messages", field="prompt.messages")
+    return kind
+
+
+def _item_field(name: str, elem: Any) -> ItemField:
+    from vllm.multimodal.inputs import (
+        MultiModalBatchedField,
+        MultiModalFlatField,
+        MultiModalSharedField,
+    )
+
+    data, f = elem.data, elem.field
+    if not isinstance(data, torch.Tensor):
+        raise Internal(
+            f"field {name!r} holds {type(data).__name__}, not a single tensor; this model's "
+            "item layout is not supported"
+        )
+    if isinstance(f, MultiModalBatchedField):
+        layout, dim = FieldLayout.BATCHED, 0
+    elif isinstance(f, MultiModalFlatField):
+        # The field still lists every item's slice in the batch; the element's data is already
+        # this item's own slice, so only the concatenation dim is kept.
+        layout, dim = FieldLayout.FLAT, int(f.dim)
+    elif isinstance(f, MultiModalSharedField):
+        layout, dim = FieldLayout.SHARED, 0
+    else:
+        raise Internal(f"field {name!r} has an unknown layout {type(f).__name__}")
+    # An own, compact copy: never a view into a batch tensor or into a cached item.
+    tensor = data.detach().cpu().clone(memory_format=torch.contiguous_format)
+    return ItemField(tensor, layout, dim, bool(f.keep_on_cpu))
+
+
+@contextlib.contextmanager
+def _vllm_errors(prompt_field: str, stage: str) -> Iterator[None]:
+    """Translate vLLM / HF errors raised while rendering or processing."""
+    from vllm.exceptions import VLLMValidationError
+
+    try:
+        yield
+    except VlmError:
+        raise
+    except VLLMValidationError as e:
+        if e.parameter in ("input_tokens", "input_text"):
+            raise PromptTooLong(str(e), field=prompt_field) from None
+        raise InvalidArgument(f"{stage} failed: {e}", field=prompt_field) from None
+    except (ValueError, TypeError, KeyError, IndexError, AssertionError) as e:
+        logger.debug("%s failed", stage, exc_info=True)
+        text = str(e).strip() or type(e).__name__
+        raise InvalidArgument(f"{stage} failed: {text[:500]}", field=prompt_field) from None
+    except Exception as e:  # noqa: BLE001
+        if type(e).__module__.startswith("jinja2"):
+            raise InvalidArgument(f"chat template failed: {e}", field=prompt_field) from None
+        raise

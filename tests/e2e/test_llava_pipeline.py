@@ -1,0 +1,164 @@
+"""Preprocessor → model service over real gRPC on loopback, tiny LLaVA."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.e2e.conftest import png
+from tests.service.model_core.hf_reference import hf_greedy
+from vlm import types
+from vlm.errors import UpstreamError
+from vlm.testing.tiny_models import SPECS
+
+pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session")]
+
+IMAGE = types.Modality.IMAGE
+
+
+def _img(seed: int) -> types.Media:
+    return types.Media(IMAGE, png(seed), "image/png")
+
+
+def _text_prompt(n_images: int, seeds=(1, 2, 3), suffix: str = "Describe.") -> types.PromptInput:
+    tok = SPECS["llava"].image_token
+    text = "".join(f"{tok}\n" for _ in range(n_images)) + suffix
+    return types.PromptInput(text=text, media=tuple(_img(s) for s in seeds[:n_images]))
+
+
+GREEDY = types.Sampling(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+
+async def _collect(stream) -> tuple[list[int], str, types.Chunk]:
+    ids, text, last = [], [], None
+    async for chunk in stream:
+        ids.extend(chunk.token_ids)
+        text.append(chunk.text)
+        last = chunk
+    return ids, "".join(text), last
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+async def test_greedy_tokens_equal_hf(llava_pipeline, n_images: int) -> None:
+    prompt_in = _text_prompt(n_images)
+    async with llava_pipeline.pre_client() as pre:
+        prompt = await pre.preprocess(prompt_in)
+        assert [i.modality for i in prompt.items] == [IMAGE] * n_images
+        ids, text, last = await _collect(pre.generate(prompt_in, GREEDY))
+    expected = await asyncio.to_thread(hf_greedy, str(llava_pipeline.model_dir), prompt, 16)
+    assert ids == expected
+    assert last.finish_reason is types.FinishReason.LENGTH
+    assert last.usage.prompt_tokens == len(prompt.token_ids)
+    assert last.usage.completion_tokens == 16
+
+
+async def test_chat_and_token_ids_inputs_reach_the_engine(llava_pipeline) -> None:
+    async with llava_pipeline.pre_client() as pre:
+        chat = types.PromptInput(messages=(
+            types.ChatMessage("user", (types.ChatPart(media=_img(4)), types.ChatPart(text="What is it?"))),
+        ))
+        chat_prompt = await pre.preprocess(chat)
+        ids_chat, _, _ = await _collect(pre.generate(chat, GREEDY))
+        assert ids_chat == await asyncio.to_thread(hf_greedy, str(llava_pipeline.model_dir), chat_prompt, 16)
+
+        # Tokens + media: the unexpanded token IDs of the same text.
+        info = await pre.model_info()
+        image_tok = next(m for m in info.modalities if m.modality is IMAGE).placeholder_token_ids[0]
+        tokens = types.PromptInput(token_ids=(image_tok, 11, 12, 13), media=(_img(5),))
+        tok_prompt = await pre.preprocess(tokens)
+        assert tok_prompt.items[0].placeholder.length > 1
+        ids_tok, _, _ = await _collect(pre.generate(tokens, GREEDY))
+        assert ids_tok == await asyncio.to_thread(hf_greedy, str(llava_pipeline.model_dir), tok_prompt, 16)
+
+
+async def test_second_request_goes_hash_only(llava_pipeline) -> None:
+    # Long enough to fill whole KV blocks, which is what the prefix cache shares.
+    prompt_in = _text_prompt(1, seeds=(9,), suffix="Describe the picture in detail. " * 40)
+    metrics_url = f"http://127.0.0.1:{llava_pipeline.model.grpc.metrics_port}/metrics"
+
+    def hits() -> float:
+        body = urllib.request.urlopen(metrics_url).read().decode()
+        line = next(l for l in body.splitlines() if l.startswith("vlm_feature_store_hits_total"))
+        return float(line.split()[-1])
+
+    async with llava_pipeline.pre_client() as pre:
+        before = await asyncio.to_thread(hits)
+        first, _, _ = await _collect(pre.generate(prompt_in, GREEDY))
+        second, _, last = await _collect(pre.generate(prompt_in, GREEDY))
+    assert first == second
+    # The second request's item was resolved from the model service's feature store.
+    assert await asyncio.to_thread(hits) == before + 1
+    assert last.usage.cached_tokens > 0, last.usage  # and vLLM's prefix cache saw the same hash
+
+
+async def test_unknown_hash_is_failed_precondition_listing_it(llava_pipeline) -> None:
+    async with llava_pipeline.pre_client() as pre:
+        prompt = await pre.preprocess(_text_prompt(1, seeds=(21,)))
+    bogus = types.Prompt(
+        prompt.fingerprint, prompt.token_ids,
+        (types.Item(IMAGE, "f" * 64, prompt.items[0].placeholder, None),),
+    )
+    async with llava_pipeline.model_client() as model:
+        with pytest.raises(UpstreamError) as exc:
+            await _collect(model.generate(bogus, GREEDY, hash_only=False))
+    assert exc.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert exc.value.reason == "MISSING_FEATURES"
+    assert exc.value.missing_hashes == ("f" * 64,)
+
+
+async def test_bad_media_is_invalid_argument_and_service_stays_up(llava_pipeline) -> None:
+    async with llava_pipeline.pre_client() as pre:
+        bad = types.PromptInput(text=SPECS["llava"].image_token + " hi", media=(types.Media(IMAGE, b"\x89PNG\r\n\x1a\nbroken"),))
+        with pytest.raises(UpstreamError) as exc:
+            await pre.preprocess(bad)
+        assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "media[0]" in exc.value.message
+        # Still serving.
+        ids, _, _ = await _collect(pre.generate(_text_prompt(1), GREEDY))
+        assert len(ids) == 16
+
+
+async def test_health_and_metrics_of_both_services(llava_pipeline) -> None:
+    for target in (llava_pipeline.pre_target, llava_pipeline.model_target):
+        async with grpc.aio.insecure_channel(target) as ch:
+            resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    model_body = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{llava_pipeline.model.grpc.metrics_port}/metrics").read().decode()
+    )
+    for name in ("vlm_time_to_first_token_seconds_bucket", "vlm_inter_token_latency_seconds_bucket",
+                 "vlm_e2e_request_latency_seconds_bucket", "vlm_generation_tokens_total",
+                 "vlm_prompt_tokens_total", "vlm_request_success_total", "vlm_num_requests_running",
+                 "vlm_num_requests_waiting", "vlm_kv_cache_usage_perc", "vlm_feature_store_bytes"):
+        assert name in model_body, name
+    pre_body = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{llava_pipeline.pre.grpc.metrics_port}/metrics").read().decode()
+    )
+    for name in ("vlm_preprocess_duration_seconds_bucket", 'vlm_preprocess_items_total{modality="image"}',
+                 "vlm_preprocess_prompt_tokens_total", "vlm_preprocess_feature_bytes_total",
+                 "vlm_processor_cache_hits_total", "vlm_processor_cache_misses_total",
+                 "vlm_preprocess_queue_depth", "vlm_preprocess_in_flight", "vlm_grpc_requests_total"):
+        assert name in pre_body, name
+
+
+async def test_cancel_mid_stream_aborts_in_engine(llava_pipeline) -> None:
+    long = types.Sampling(temperature=0.0, max_tokens=400, ignore_eos=True)
+    async with llava_pipeline.pre_client() as pre:
+        stream = pre.generate(_text_prompt(1), long)
+        got = 0
+        async for chunk in stream:
+            got += len(chunk.token_ids)
+            if got >= 2:
+                break
+        await stream.aclose()
+    async with llava_pipeline.model_client() as model:
+        for _ in range(100):
+            load = await model.load()
+            if load.running == 0 and load.waiting == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert (load.running, load.waiting) == (0, 0)

@@ -1,0 +1,196 @@
+"""Per-architecture fixtures for the preprocessor core tests.
+
+For each tiny architecture (built once per session with `vlm.testing.tiny_models`) a session
+keeps two things side by side:
+
+* `processor`: our `preprocessor_svc.processing.Processor` (in-process, no worker pool);
+* `reference`: a plain vLLM renderer (`renderer_from_config`, processor cache off) that the
+  tests call directly, exactly as vLLM's frontend would, to get the expected `MultiModalInput`.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from preprocessor_svc.processing import PreprocessorConfig, Processor
+from vlm.types import Prompt
+
+ARCHS = ("llava", "qwen2_vl", "llava_onevision", "mistral3", "gemma3", "idefics3", "fuyu")
+
+_lock = threading.Lock()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_root(tmp_path_factory) -> Path:
+    root = os.environ.get("VLM_TINY_MODELS_DIR")
+    return Path(root) if root else tmp_path_factory.mktemp("preprocessor_tiny_models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_root):
+    """tiny_model(arch) -> model dir; skips when the shared builder doesn't offer `arch` yet."""
+    from vlm.testing import tiny_models
+
+    def get(arch: str) -> Path:
+        if arch not in tiny_models.SPECS or not tiny_models.SPECS[arch].image_token:
+            pytest.skip(f"vlm.testing.tiny_models has no {arch} yet")
+        with _lock:
+            try:
+                return tiny_models.build_tiny_model(arch, tiny_model_root / arch)
+            except ValueError as e:  # unknown arch in this version of the builder
+                pytest.skip(str(e))
+
+    return get
+
+
+@dataclass
+class ArchEnv:
+    arch: str
+    model_impl: str
+    model_dir: Path
+    spec: Any
+    processor: Processor
+    reference: Any  # vLLM HfRenderer
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tokenizer(self):
+        return self.reference.get_tokenizer()
+
+    @property
+    def has_video(self) -> bool:
+        return bool(self.spec.video_token)
+
+    # -- reference processing, straight through vLLM ------------------------------------------
+
+    def ref_image(self, data: bytes):
+        from vllm.multimodal.media.image import ImageMediaIO
+
+        return ImageMediaIO().load_bytes(data)
+
+    def ref_video(self, data: bytes, **io_kwargs):
+        """Decoded the way vLLM's chat path decodes a video URL (MediaConnector.fetch_video)."""
+        from vllm.multimodal.media.connector import MediaConnector
+        from vllm.transformers_utils.processor import get_video_processor_cls_name
+
+        connector = MediaConnector(media_io_kwargs={"video": io_kwargs} if io_kwargs else None)
+        return connector.fetch_video(
+            data_url("video/mp4", data),
+            video_processor=get_video_processor_cls_name(self.reference.model_config),
+        )
+
+    def ref_completion(self, prompt: dict[str, Any]) -> dict[str, Any]:
+        return self.reference.render_cmpl([prompt])[0]
+
+    def ref_chat(self, messages: list[dict[str, Any]], **media_io) -> dict[str, Any]:
+        from vllm.renderers.params import ChatParams
+
+        params = ChatParams(
+            chat_template_kwargs={"add_generation_prompt": True},
+            media_io_kwargs=media_io or None,
+        )
+        _, prompts = self.reference.render_chat([messages], params)
+        return prompts[0]
+
+
+def data_url(mime: str, data: bytes) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def make_reference(model_dir: Path, model_impl: str):
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.renderers.registry import renderer_from_config
+
+    config = EngineArgs(
+        model=str(model_dir),
+        model_impl=model_impl,
+        # No processor cache: every call processes from scratch (with vLLM's default cache a
+        # repeated item comes back without data). Prefix caching keeps content hashes on.
+        mm_processor_cache_gb=0,
+        enable_prefix_caching=True,
+    ).create_engine_config()
+    return renderer_from_config(config)
+
+
+@pytest.fixture(scope="session")
+def arch_env(tiny_model):
+    """arch_env(arch, model_impl="auto") -> ArchEnv, cached for the session."""
+    cache: dict[tuple[str, str], ArchEnv] = {}
+
+    def get(arch: str, model_impl: str = "auto") -> ArchEnv:
+        key = (arch, model_impl)
+        if key not in cache:
+            from vlm.testing.tiny_models import SPECS
+
+            model_dir = tiny_model(arch)
+            t0 = time.perf_counter()
+            processor = Processor(PreprocessorConfig(model=str(model_dir), model_impl=model_impl, workers=0))
+            t1 = time.perf_counter()
+            processor.warmup()
+            t2 = time.perf_counter()
+            reference = make_reference(model_dir, model_impl)
+            t3 = time.perf_counter()
+            cache[key] = ArchEnv(
+                arch,
+                model_impl,
+                model_dir,
+                SPECS[arch],
+                processor,
+                reference,
+                {"processor_build_s": t1 - t0, "warmup_s": t2 - t1, "reference_build_s": t3 - t2},
+            )
+        return cache[key]
+
+    return get
+
+
+def assert_matches_reference(prompt: Prompt, ref: dict[str, Any]) -> None:
+    """`prompt` carries exactly what vLLM computed in-process: token IDs, and per item the
+    modality, hash, placeholder range (offset, length, is_embed) and every field tensor
+    (bit-identical, same dtype), layout, flat dim and keep_on_cpu."""
+    from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFlatField, MultiModalSharedField
+
+    assert list(prompt.token_ids) == list(ref["prompt_token_ids"])
+    expected = []
+    if ref["type"] == "multimodal":
+        for modality, ranges in ref["mm_placeholders"].items():
+            hashes = ref["mm_hashes"][modality]
+            kwargs = ref["mm_kwargs"][modality]
+            assert len(ranges) == len(hashes) == len(kwargs)
+            expected += [(modality, h, r, kw) for r, h, kw in zip(ranges, hashes, kwargs)]
+    expected.sort(key=lambda e: e[2].offset)
+    assert len(prompt.items) == len(expected)
+    assert [it.placeholder.offset for it in prompt.items] == sorted(it.placeholder.offset for it in prompt.items)
+    for item, (modality, h, rng, kw) in zip(prompt.items, expected):
+        assert item.modality.value == modality
+        assert item.hash == h
+        assert (item.placeholder.offset, item.placeholder.length) == (rng.offset, rng.length)
+        if rng.is_embed is None:
+            assert item.placeholder.is_embed is None
+        else:
+            assert item.placeholder.is_embed == tuple(bool(b) for b in rng.is_embed.tolist())
+        assert kw is not None
+        assert item.fields is not None and set(item.fields) == set(kw)
+        for name, elem in kw.items():
+            got = item.fields[name]
+            assert isinstance(elem.data, torch.Tensor)
+            assert got.data.dtype == elem.data.dtype, name
+            assert got.data.shape == elem.data.shape, name
+            assert torch.equal(got.data, elem.data), name
+            assert got.keep_on_cpu == elem.field.keep_on_cpu, name
+            if isinstance(elem.field, MultiModalFlatField):
+                assert (got.layout.value, got.flat_dim) == ("flat", elem.field.dim), name
+            elif isinstance(elem.field, MultiModalBatchedField):
+                assert got.layout.value == "batched", name
+            else:
+                assert isinstance(elem.field, MultiModalSharedField)
+                assert got.layout.value == "shared", name

@@ -1,0 +1,270 @@
+"""Every validation rule, by exception class and field path (hand-made model spec, no engine)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from model_svc.engine_input import SamplingToParams
+from model_svc.validation import (
+    FieldSpec,
+    Limits,
+    ModalitySpec,
+    ModelSpec,
+    PromptValidator,
+)
+from vlm.errors import InvalidArgument, LimitExceeded, ModelMismatch, PromptTooLong
+from vlm.types import (
+    FieldLayout,
+    Fingerprint,
+    Item,
+    ItemField,
+    Modality,
+    Placeholder,
+    Prompt,
+    Sampling,
+)
+
+FP = Fingerprint("tiny", "auto", "abc")
+IMG, VID, BREAK = 9, 8, 7  # placeholder tokens; BREAK is a structural (non-embed) token
+
+SPEC = ModelSpec(
+    fingerprint=FP,
+    vocab_size=100,
+    max_model_len=64,
+    max_logprobs=5,
+    modalities={
+        Modality.IMAGE: ModalitySpec(
+            modality=Modality.IMAGE,
+            placeholder_token_ids=frozenset({IMG}),
+            placeholder_text="<image>",
+            max_items=2,
+            max_embeds_per_item=16,
+            fields={
+                "pixel_values": FieldSpec("pixel_values", FieldLayout.BATCHED, torch.float32, 0, False, (3, 4, 4)),
+            },
+            fixed_embed_count=4,
+        ),
+        Modality.VIDEO: ModalitySpec(
+            modality=Modality.VIDEO,
+            placeholder_token_ids=frozenset({VID}),
+            placeholder_text="<video>",
+            max_items=1,
+            max_embeds_per_item=16,
+            fields={
+                "pixel_values_videos": FieldSpec(
+                    "pixel_values_videos", FieldLayout.FLAT, torch.float32, 0, False, (None, 12), rows_per_grid=1
+                ),
+                "video_grid_thw": FieldSpec("video_grid_thw", FieldLayout.BATCHED, torch.int64, 0, True, (3,)),
+            },
+            grid_field="video_grid_thw",
+            grid_per_embed=4,
+        ),
+    },
+)
+
+
+def image_item(offset: int, *, h: str = "img", length: int = 4, is_embed=None, fields=True) -> Item:
+    f = {"pixel_values": ItemField(torch.zeros(3, 4, 4), FieldLayout.BATCHED)} if fields else None
+    return Item(Modality.IMAGE, h, Placeholder(offset, length, is_embed), f)
+
+
+def video_item(offset: int, grid=(1, 2, 4), rows=None) -> Item:
+    cells = grid[0] * grid[1] * grid[2]
+    fields = {
+        "pixel_values_videos": ItemField(torch.zeros(rows or cells, 12), FieldLayout.FLAT, flat_dim=0),
+        "video_grid_thw": ItemField(torch.tensor(grid), FieldLayout.BATCHED, keep_on_cpu=True),
+    }
+    return Item(Modality.VIDEO, "vid", Placeholder(offset, cells // 4), fields)
+
+
+def prompt(tokens, items=(), fp=FP) -> Prompt:
+    return Prompt(fingerprint=fp, token_ids=tuple(tokens), items=tuple(items))
+
+
+# 1 2 [9 9 9 9] 3 [8 8] 4
+GOOD_TOKENS = (1, 2, IMG, IMG, IMG, IMG, 3, VID, VID, 4)
+GOOD = prompt(GOOD_TOKENS, [image_item(2), video_item(7)])
+
+
+def check(p: Prompt, exc: type, field: str, *, limits: Limits | None = None, sampling: Sampling | None = None):
+    v = PromptValidator(SPEC, limits)
+    with pytest.raises(exc) as e:
+        v.validate_prompt(p)
+        if sampling is not None:
+            v.validate_sampling(sampling, len(p.token_ids))
+    assert type(e.value) is exc, e.value
+    assert e.value.field == field, e.value
+    return e.value
+
+
+def test_valid_prompt_passes():
+    v = PromptValidator(SPEC)
+    v.validate_prompt(GOOD)
+    v.validate_sampling(Sampling(max_tokens=10, stop_token_ids=(1,), logprobs=5), len(GOOD.token_ids))
+
+
+def test_fingerprint():
+    check(prompt(GOOD_TOKENS, GOOD.items, fp=Fingerprint("tiny", "auto", "other")), ModelMismatch, "prompt.fingerprint")
+    check(prompt(GOOD_TOKENS, GOOD.items, fp=Fingerprint("tiny", "transformers", "abc")), ModelMismatch, "prompt.fingerprint")
+    # model_id is informational only
+    PromptValidator(SPEC).validate_prompt(prompt(GOOD_TOKENS, GOOD.items, fp=Fingerprint("/path/x", "auto", "abc")))
+
+
+def test_token_ids():
+    check(prompt([]), InvalidArgument, "prompt.token_ids")
+    check(prompt([1, 2, 100]), InvalidArgument, "prompt.token_ids[2]")
+    check(prompt([1, -1]), InvalidArgument, "prompt.token_ids[1]")
+    check(prompt([1] * 64), PromptTooLong, "prompt.token_ids")
+    PromptValidator(SPEC).validate_prompt(prompt([1] * 63))
+
+
+def test_max_tokens_against_max_model_len():
+    check(prompt([1] * 60), PromptTooLong, "sampling.max_tokens", sampling=Sampling(max_tokens=5))
+    PromptValidator(SPEC).validate_sampling(Sampling(max_tokens=4), 60)
+
+
+def test_modality_and_limits():
+    audio = Item(Modality.AUDIO, "a", Placeholder(2, 4), None)
+    check(prompt(GOOD_TOKENS, [audio]), InvalidArgument, "prompt.items[0].modality")
+    toks = [IMG] * 12
+    three = [image_item(0, h="a"), image_item(4, h="b"), image_item(8, h="c")]
+    check(prompt(toks, three), LimitExceeded, "prompt.items[2]")
+    check(prompt(toks[:8], three[:2]), LimitExceeded, "prompt.items[1]",
+          limits=Limits(max_items_per_prompt={Modality.IMAGE: 1}))
+    check(GOOD, LimitExceeded, "prompt.items", limits=Limits(max_feature_bytes_per_prompt=100))
+
+
+def test_ranges():
+    toks = [1, IMG, IMG, IMG, IMG, IMG, IMG, IMG, IMG, 2]
+    a, b = image_item(1, h="a"), image_item(5, h="b")
+    check(prompt(toks, [b, a]), InvalidArgument, "prompt.items[1].placeholder.offset")  # unsorted
+    check(prompt(toks, [a, image_item(4, h="b")]), InvalidArgument, "prompt.items[1].placeholder.offset")  # overlap
+    check(prompt(toks, [image_item(10)]), InvalidArgument, "prompt.items[0].placeholder.offset")
+    check(prompt(toks, [image_item(1, length=0)]), InvalidArgument, "prompt.items[0].placeholder.length")
+    check(prompt(toks, [image_item(8)]), InvalidArgument, "prompt.items[0].placeholder.length")  # past the end
+    check(prompt(toks, [image_item(1, is_embed=(True,) * 3)]), InvalidArgument, "prompt.items[0].placeholder.is_embed")
+    check(prompt(toks, [image_item(1, is_embed=(False,) * 4)]), InvalidArgument, "prompt.items[0].placeholder.is_embed")
+    check(prompt(toks, [image_item(1, h="")]), InvalidArgument, "prompt.items[0].hash")
+
+
+def test_placeholder_tokens():
+    # A text token at an embed position.
+    toks = list(GOOD_TOKENS)
+    toks[4] = 5
+    check(prompt(toks, GOOD.items), InvalidArgument, "prompt.token_ids[4]")
+    # The other modality's placeholder token is not accepted either.
+    toks = list(GOOD_TOKENS)
+    toks[8] = IMG
+    check(prompt(toks, GOOD.items), InvalidArgument, "prompt.token_ids[8]")
+    # Non-embed positions may hold anything (e.g. [IMG_BREAK]).
+    toks = [1, IMG, IMG, BREAK, IMG, IMG, 2]
+    PromptValidator(SPEC).validate_prompt(prompt(toks, [image_item(1, length=5, is_embed=(True, True, False, True, True))]))
+    # A placeholder token outside every range: an item is missing.
+    toks = [1, IMG, IMG, IMG, IMG, IMG, 2]
+    check(prompt(toks, [image_item(1)]), InvalidArgument, "prompt.token_ids[5]")
+
+
+def test_embed_budget():
+    toks = [IMG] * 20
+    item = image_item(0, length=20, fields=False)
+    check(prompt(toks, [item]), LimitExceeded, "prompt.items[0].placeholder.length")
+
+
+def _with_fields(item: Item, **fields) -> Item:
+    merged = {**item.fields, **fields}
+    return dataclasses.replace(item, fields={k: v for k, v in merged.items() if v is not None})
+
+
+def test_fields():
+    base = GOOD.items[0]
+    pv = base.fields["pixel_values"]
+    path = "prompt.items[0].fields.pixel_values"
+    cases = [
+        (dataclasses.replace(base, fields={}), "prompt.items[0].fields"),
+        (_with_fields(base, pixel_values=None, other=pv), path),  # missing
+        (_with_fields(base, extra=pv), "prompt.items[0].fields.extra"),  # unexpected
+        (_with_fields(base, pixel_values=dataclasses.replace(pv, layout=FieldLayout.FLAT)), f"{path}.layout"),
+        (_with_fields(base, pixel_values=dataclasses.replace(pv, keep_on_cpu=True)), f"{path}.keep_on_cpu"),
+        (_with_fields(base, pixel_values=dataclasses.replace(pv, data=pv.data.half())), f"{path}.tensor.dtype"),
+        (_with_fields(base, pixel_values=dataclasses.replace(pv, data=torch.zeros(3, 16))), f"{path}.tensor.shape"),
+        (_with_fields(base, pixel_values=dataclasses.replace(pv, data=torch.zeros(3, 4, 5))), f"{path}.tensor.shape"),
+        (_with_fields(base, pixel_values=dataclasses.replace(pv, data=torch.zeros(3, 0, 4))), f"{path}.tensor.shape"),
+    ]
+    for item, field in cases:
+        check(prompt(GOOD_TOKENS, [item, GOOD.items[1]]), InvalidArgument, field)
+    # Fixed dims are only enforced when asked to.
+    loose = Limits(check_fixed_shapes=False)
+    odd = _with_fields(base, pixel_values=dataclasses.replace(pv, data=torch.zeros(3, 4, 5)))
+    PromptValidator(SPEC, loose).validate_prompt(prompt(GOOD_TOKENS, [odd, GOOD.items[1]]))
+
+
+def test_flat_dim():
+    vid = GOOD.items[1]
+    pv = vid.fields["pixel_values_videos"]
+    bad = _with_fields(vid, pixel_values_videos=dataclasses.replace(pv, flat_dim=1))
+    check(prompt(GOOD_TOKENS, [GOOD.items[0], bad]), InvalidArgument, "prompt.items[1].fields.pixel_values_videos.flat_dim")
+    # -2 on a rank-2 tensor is dim 0: accepted.
+    ok = _with_fields(vid, pixel_values_videos=dataclasses.replace(pv, flat_dim=-2))
+    PromptValidator(SPEC).validate_prompt(prompt(GOOD_TOKENS, [GOOD.items[0], ok]))
+
+
+def test_embed_counts():
+    # Fixed-shape image: always 4 embeds.
+    toks = [1, IMG, IMG, IMG, IMG, IMG, 2]
+    check(prompt(toks, [image_item(1, length=5)]), InvalidArgument, "prompt.items[0].placeholder.length")
+    toks = [1, IMG, IMG, BREAK, IMG, 2]
+    check(prompt(toks, [image_item(1, length=4, is_embed=(True, True, False, True))]), InvalidArgument,
+          "prompt.items[0].placeholder.is_embed")
+    # Grid model: embeds = prod(grid) / 4, rows = prod(grid).
+    toks = [1, VID, VID, VID, 2]
+    check(prompt(toks, [dataclasses.replace(video_item(1), placeholder=Placeholder(1, 3))]), InvalidArgument,
+          "prompt.items[0].placeholder.length")
+    check(prompt([1, VID, VID, 2], [video_item(1, rows=7)]), InvalidArgument,
+          "prompt.items[0].fields.pixel_values_videos.tensor.shape")
+    zero_grid = dataclasses.replace(video_item(1, grid=(1, 0, 4), rows=8), placeholder=Placeholder(1, 2))
+    check(prompt([1, VID, VID, 2], [zero_grid]), InvalidArgument,
+          "prompt.items[0].fields.video_grid_thw.tensor")
+    PromptValidator(SPEC).validate_prompt(prompt([1] + [VID] * 4 + [2], [video_item(1, grid=(2, 2, 4))]))
+
+
+def test_resolved_hash_only_items_are_checked_too():
+    v = PromptValidator(SPEC)
+    toks = [1, IMG, IMG, IMG, IMG, IMG, 2]
+    v.validate_prompt(prompt(toks, [image_item(1, length=5, fields=False)]))  # no fields to check yet
+    with pytest.raises(InvalidArgument) as e:
+        v.validate_resolved([image_item(1, length=5)])  # the store's fields give 4 embeds, not 5
+    assert e.value.field == "prompt.items[0].placeholder.length"
+
+
+def test_sampling_checks():
+    p = GOOD
+    check(p, InvalidArgument, "sampling.stop_token_ids[1]", sampling=Sampling(stop_token_ids=(1, 100)))
+    check(p, InvalidArgument, "sampling.logprobs", sampling=Sampling(logprobs=6))
+
+
+@pytest.mark.parametrize(
+    "sampling, field",
+    [
+        (Sampling(temperature=-0.5), "sampling.temperature"),
+        (Sampling(temperature=float("nan")), "sampling.temperature"),
+        (Sampling(top_p=0.0), "sampling.top_p"),
+        (Sampling(top_p=1.5), "sampling.top_p"),
+        (Sampling(top_k=-2), "sampling.top_k"),
+        (Sampling(min_p=2.0), "sampling.min_p"),
+        (Sampling(max_tokens=0), "sampling.max_tokens"),
+        (Sampling(min_tokens=-1), "sampling.min_tokens"),
+        (Sampling(min_tokens=5, max_tokens=2), "sampling.min_tokens"),
+        (Sampling(repetition_penalty=0.0), "sampling.repetition_penalty"),
+        (Sampling(presence_penalty=3.0), "sampling.presence_penalty"),
+        (Sampling(frequency_penalty=-3.0), "sampling.frequency_penalty"),
+        (Sampling(logprobs=-5), "sampling.logprobs"),
+        (Sampling(stop=("",)), "sampling.stop"),
+    ],
+)
+def test_vllm_sampling_errors_are_translated(sampling, field):
+    with pytest.raises(InvalidArgument) as e:
+        SamplingToParams()(sampling)
+    assert e.value.field == field, e.value
