@@ -28,7 +28,6 @@ def build_parser():
     group.add_argument("--metrics-port", type=int, default=9102, help="-1 disables /metrics")
     group.add_argument("--max-message-bytes", type=int, default=256 << 20)
     group.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds")
-    group.add_argument("--log-level", default="INFO")
     return parser
 
 
@@ -53,7 +52,8 @@ async def serve(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    # --log-level is vLLM's own flag (also applied to vLLM's loggers).
+    configure_logging(str(getattr(args, "log_level", None) or "info").upper())
     asyncio.run(serve(args))
     return 0
 

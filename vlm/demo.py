@@ -75,7 +75,7 @@ async def _run(args: argparse.Namespace, model_dir: Path) -> None:
     ]
     pre_cmd = [
         *cli, "serve-preprocessor", "--model", str(model_dir), "--port", str(pre_port),
-        "--metrics-port", str(pre_metrics), "--workers", str(args.workers),
+        "--metrics-port", str(pre_metrics), "--workers", str(args.workers), "--dtype", "float32",
         "--model-target", f"127.0.0.1:{model_port}",
     ]
     procs = []

@@ -7,8 +7,6 @@ time, and free it before the next.
 from __future__ import annotations
 
 import gc
-import json
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -119,7 +117,7 @@ def test_build_is_deterministic_small_and_cached(arch, model_dir, tmp_path):
     t0 = time.perf_counter()
     again = build_tiny_model(arch, tmp_path / "again")
     build_s = time.perf_counter() - t0
-    assert build_s < 5.0, f"{arch} build took {build_s:.2f}s"
+    assert build_s < 20.0, f"{arch} build took {build_s:.2f}s"  # ~0.2-0.5 s unloaded
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (first / name).read_bytes() == (again / name).read_bytes(), f"{arch}: {name} differs"
     total = sum(f.stat().st_size for f in first.iterdir())
@@ -128,7 +126,7 @@ def test_build_is_deterministic_small_and_cached(arch, model_dir, tmp_path):
     mtime = (again / "model.safetensors").stat().st_mtime_ns
     t0 = time.perf_counter()
     assert build_tiny_model(arch, tmp_path / "again") == again
-    assert time.perf_counter() - t0 < 0.1
+    assert time.perf_counter() - t0 < 1.0
     assert (again / "model.safetensors").stat().st_mtime_ns == mtime
     # Another seed gives other weights.
     other = build_tiny_model(arch, tmp_path / "seed1", seed=1)

@@ -39,3 +39,10 @@ def video_bytes(frames: int = 8, width: int = 64, height: int = 64, fps: float =
             writer.write(frame)
         writer.release()
         return Path(path).read_bytes()
+
+
+def blank_image_bytes(width: int, height: int, mode: str = "1", fmt: str = "PNG") -> bytes:
+    """A uniform image; huge dimensions stay tiny on the wire (a decompression bomb)."""
+    buf = io.BytesIO()
+    Image.new(mode, (width, height)).save(buf, fmt)
+    return buf.getvalue()

@@ -1,0 +1,149 @@
+"""The async facade: worker processes, queue bound, errors across processes, hash stability."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+import pytest_asyncio
+
+from preprocessor_svc.pool import Preprocessor
+from preprocessor_svc.processing import PreprocessorConfig
+from tests.service.preprocessor_core.conftest import assert_matches_reference
+from tests.unit.preprocessor.samples import image_bytes
+from vlm.errors import InvalidArgument, InvalidMedia, ResourceExhausted, Unavailable
+from vlm.types import Media, Modality, PromptInput
+
+IMG_A = image_bytes(64, 48, seed=11)
+IMG_B = image_bytes(32, 80, seed=12)
+
+
+def request(*images: bytes) -> PromptInput:
+    return PromptInput(text="Look: " + " ".join("<image>" for _ in images), media=tuple(Media(Modality.IMAGE, d) for d in images))
+
+
+@pytest_asyncio.fixture(scope="module")
+async def pool(tiny_model):
+    t0 = time.perf_counter()
+    pre = await Preprocessor.start(PreprocessorConfig(model=str(tiny_model("llava")), workers=2, max_queue=16))
+    pre.start_seconds = time.perf_counter() - t0
+    yield pre
+    await pre.close()
+
+
+async def test_workers_match_vllm_and_hashes_are_stable_across_processes(pool, arch_env):
+    """Two spawned worker processes and this process compute identical items and hashes."""
+    env = arch_env("llava")
+    ref = env.ref_completion(
+        {"prompt": request(IMG_A, IMG_B).text, "multi_modal_data": {"image": [env.ref_image(IMG_A), env.ref_image(IMG_B)]}}
+    )
+    in_process = env.processor.process(request(IMG_A, IMG_B))
+    seen: dict[int, list[str]] = {}
+    for _ in range(10):
+        results = await asyncio.gather(*(pool.preprocess_detailed(request(IMG_A, IMG_B)) for _ in range(4)))
+        for res in results:
+            assert_matches_reference(res.prompt, ref)
+            seen[res.metrics.pid] = [it.hash for it in res.prompt.items]
+        if len(seen) == 2:
+            break
+    assert len(seen) == 2 and os.getpid() not in seen, seen
+    expected = [it.hash for it in in_process.prompt.items]
+    assert all(hashes == expected for hashes in seen.values())
+    assert pool.model_info() == env.processor.model_info()
+
+
+async def test_errors_cross_the_process_boundary(pool):
+    with pytest.raises(InvalidMedia) as info:
+        await pool.preprocess(request(IMG_A, b"garbage"))
+    assert info.value.field == "media[1].data"
+    with pytest.raises(InvalidArgument) as info:
+        await pool.preprocess(request(IMG_A), {"nope": 1})
+    assert type(info.value) is InvalidArgument and info.value.field == "processor_options.kwargs.nope"
+    with pytest.raises(InvalidArgument) as info:
+        await pool.preprocess(PromptInput(text="<image><image>", media=(Media(Modality.IMAGE, IMG_A),)))
+    assert info.value.field == "prompt.text"
+
+
+async def test_stats(pool):
+    await pool.preprocess(request(IMG_A))
+    s = pool.stats()
+    assert s["workers"] == s["workers_ready"] == 2
+    assert s["queue_depth"] == 0 and s["in_flight"] == 0
+    assert s["requests_total"] >= s["succeeded_total"] >= 1
+    assert s["cache_hits_total"] >= 1 and s["cache_misses_total"] >= 2
+    assert s["cache_bytes"] > 0
+
+
+async def test_event_loop_not_blocked(pool):
+    """While workers process, the loop keeps ticking."""
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    t = asyncio.create_task(ticker())
+    imgs = [image_bytes(300, 300, seed=100 + i) for i in range(6)]
+    await asyncio.gather(*(pool.preprocess(request(d)) for d in imgs))
+    t.cancel()
+    assert ticks > 3
+
+
+async def test_dead_worker_is_replaced(pool):
+    """A worker killed mid-service fails its request with Unavailable (retryable) and is
+    replaced in the background."""
+    victim = pool._idle._queue[0]  # the next worker to get a request
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    victim.proc.join(10)
+    with pytest.raises(Unavailable):
+        await pool.preprocess(request(IMG_A))
+    assert pool.stats()["workers_ready"] == 1
+    other = await pool.preprocess_detailed(request(IMG_B))  # the surviving worker still serves
+    assert other.metrics.pid != victim.proc.pid
+    deadline = time.monotonic() + 240
+    while pool.stats()["workers_ready"] < 2:
+        assert time.monotonic() < deadline, "the worker was not replaced"
+        await asyncio.sleep(0.5)
+    assert pool.stats()["worker_restarts_total"] == 1
+    await asyncio.gather(*(pool.preprocess(request(IMG_A)) for _ in range(4)))
+
+
+@pytest_asyncio.fixture(scope="module")
+async def inline(tiny_model):
+    pre = await Preprocessor.start(PreprocessorConfig(model=str(tiny_model("llava")), workers=0, max_queue=1))
+    yield pre
+    await pre.close()
+
+
+async def test_inline_mode(inline, arch_env):
+    env = arch_env("llava")
+    res = await inline.preprocess_detailed(request(IMG_B))
+    ref = env.ref_completion({"prompt": request(IMG_B).text, "multi_modal_data": {"image": [env.ref_image(IMG_B)]}})
+    assert_matches_reference(res.prompt, ref)
+    assert res.metrics.worker == -1 and res.metrics.pid == os.getpid()
+
+
+async def test_queue_bound(inline):
+    """One request runs, max_queue=1 waits, the rest are refused at once."""
+    results = await asyncio.gather(*(inline.preprocess(request(IMG_A)) for _ in range(4)), return_exceptions=True)
+    assert [type(r).__name__ for r in results] == ["Prompt", "Prompt", "ResourceExhausted", "ResourceExhausted"]
+    assert inline.stats()["rejected_total"] == 2
+    assert isinstance(results[2], ResourceExhausted)
+
+
+async def test_close_refuses_and_wakes_waiters(tiny_model):
+    pre = await Preprocessor.start(
+        PreprocessorConfig(model=str(tiny_model("llava")), workers=0, max_queue=4, warmup=False)
+    )
+    tasks = [asyncio.create_task(pre.preprocess(request(IMG_A))) for _ in range(3)]
+    await asyncio.sleep(0)
+    await pre.close()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert any(isinstance(r, Unavailable) for r in results)
+    with pytest.raises(Unavailable):
+        await pre.preprocess(request(IMG_A))
