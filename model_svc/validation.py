@@ -44,6 +44,7 @@ dimension free).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -628,6 +629,12 @@ def derive_model_spec(
                 )
                 continue
             token_ids = set().union(*(p.embed_token_ids for p in probes))
+            if not base["placeholder_text"] and len(token_ids) == 1:
+                # e.g. Pixtral/Mistral3 (vLLM gives no placeholder string): "[IMG]".
+                with contextlib.suppress(Exception):
+                    base["placeholder_text"] = str(
+                        processor.info.get_tokenizer().convert_ids_to_tokens(next(iter(token_ids)))
+                    )
             modalities[modality] = _modality_spec_from_probes(
                 modality, probes, {**base, "placeholder_token_ids": frozenset(token_ids)}
             )

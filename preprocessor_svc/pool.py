@@ -4,7 +4,9 @@
     prompt = await pre.preprocess(PromptInput(text="<image> What is this?", media=(img,)))
     await pre.close()
 
-Each worker is a `spawn`ed process (torch and vLLM are not fork-safe) that builds its
+Each worker is a process started with `forkserver` (default; vLLM is imported once in the
+fork server, which is a fresh single-threaded process) or `spawn` — never `fork`: torch and vLLM
+are not fork-safe once this process has threads. Each worker builds its
 `processing.Processor` once (vLLM config, tokenizer, HF processor, processor cache), processes a
 dummy image, and then serves requests one at a time over a pipe. The event loop never runs CPU
 work: requests wait (FIFO) for an idle worker, and a helper thread per busy worker does the
@@ -25,7 +27,7 @@ import contextlib
 import dataclasses
 import logging
 import multiprocessing
-import os
+import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +38,6 @@ import torch
 
 import vlm.errors as errors
 from preprocessor_svc.processing import (
-    ModalityMetrics,
     PreprocessMetrics,
     PreprocessorConfig,
     PreprocessResult,
@@ -171,14 +172,38 @@ class _WorkerLost(Exception):
     """The worker process died or was killed; it must be restarted."""
 
 
+#: Imported once by the forkserver, so forked workers start without re-importing vLLM.
+_FORKSERVER_PRELOAD = [
+    "vllm",
+    "vllm.engine.arg_utils",
+    "vllm.renderers.registry",
+    "preprocessor_svc.processing",
+]
+
+
+def _mp_context(method: str) -> Any:
+    ctx = multiprocessing.get_context(method)
+    if method == "forkserver":
+        # The forkserver is a fresh single-threaded process (not a fork of this one); it
+        # imports torch/vLLM once and forks each worker from that clean state. Has no effect
+        # if this process's forkserver is already running.
+        ctx.set_forkserver_preload(_FORKSERVER_PRELOAD)
+    return ctx
+
+
 class _ProcessWorker:
     def __init__(self, index: int, config: PreprocessorConfig) -> None:
         self.index = index
         self.config = config
-        self._ctx = multiprocessing.get_context("spawn")
+        self._ctx = _mp_context(config.start_method)
+        self._abort = threading.Event()
         self.proc: Any = None
         self.conn: Any = None
         self.restarts = 0
+
+    def abort(self) -> None:
+        """Make a start() in progress (e.g. a restart) give up; used by close()."""
+        self._abort.set()
 
     def start(self) -> tuple[ModelInfo, float]:
         """Spawn and wait until the worker's processor is built (blocking)."""
@@ -194,6 +219,8 @@ class _ProcessWorker:
         deadline = time.monotonic() + self.config.startup_timeout_s
         try:
             while not parent.poll(0.25):
+                if self._abort.is_set():
+                    raise RuntimeError(f"preprocessor worker {self.index}: start-up aborted")
                 if not proc.is_alive():
                     raise RuntimeError(
                         f"preprocessor worker {self.index} exited with code {proc.exitcode} "
@@ -284,6 +311,9 @@ class _InlineWorker:
         except Exception as e:  # noqa: BLE001
             logger.exception("preprocessing failed")
             raise _rebuild_error(_error_payload(e)) from e
+
+    def abort(self) -> None:
+        pass
 
     def stop(self, grace_s: float = 0.0) -> None:
         if self.processor is not None:
@@ -429,6 +459,8 @@ class Preprocessor:
         if self._closed:
             return
         self._closed = True
+        for w in self._workers:
+            w.abort()
         for task in list(self._restart_tasks):
             task.cancel()
         for _ in range(self._waiting):

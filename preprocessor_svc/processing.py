@@ -187,10 +187,15 @@ class PreprocessorConfig:
     startup_timeout_s: float = 600.0
     #: Process one dummy image in each worker at start-up.
     warmup: bool = True
+    #: How worker processes start: "forkserver" (vLLM imported once, workers forked from a
+    #: clean single-threaded server; fast starts and restarts) or "spawn". Never "fork".
+    start_method: str = "forkserver"
 
     def __post_init__(self) -> None:
         if self.model_impl not in MODEL_IMPLS:
             raise ValueError(f"model_impl must be one of {MODEL_IMPLS}, not {self.model_impl!r}")
+        if self.start_method not in ("forkserver", "spawn"):
+            raise ValueError("start_method must be 'forkserver' or 'spawn'")
         if self.workers < 0:
             raise ValueError("workers must be >= 0")
         if self.max_queue < 0:
@@ -315,10 +320,15 @@ class Processor:
                 text = self.mm_processor.dummy_inputs.get_dummy_text({m: 1})
             texts[m] = text
         ids = {m: self.tokenizer.encode(t, add_special_tokens=False) for m, t in texts.items()}
+        special: set[int] = set(getattr(self.tokenizer, "all_special_ids", ()) or ())
+        with contextlib.suppress(Exception):
+            special |= set(self.tokenizer.get_added_vocab().values())
         out = []
         for m in supported:
             others = {t for o in supported if o != m for t in ids[o]}
             distinct = [t for t in ids[m] if t not in others]
+            if len(set(distinct)) > 1:  # e.g. a SentencePiece "▁" before the special token
+                distinct = [t for t in distinct if t in special] or distinct
             count_token = distinct[0] if len(set(distinct)) == 1 else None
             if count_token is None:
                 logger.warning(
@@ -415,7 +425,13 @@ class Processor:
         buf = io.BytesIO()
         Image.new("RGB", (64, 64), (127, 127, 127)).save(buf, "PNG")
         placeholder = next(m.placeholder_text for m, _ in self._modalities if m.modality == Modality.IMAGE)
-        self.process(PromptInput(text=placeholder, media=(Media(Modality.IMAGE, buf.getvalue()),)))
+        try:
+            self.process(PromptInput(text=placeholder, media=(Media(Modality.IMAGE, buf.getvalue()),)))
+        except VlmError as e:
+            raise RuntimeError(
+                f"{self.config.model}: warm-up failed, vLLM cannot process an image for this "
+                f"model (model_impl={self.config.model_impl!r}): {e.message}"
+            ) from e
         if self._mm_cache is not None:
             self._mm_cache.clear_cache()
             self._mm_cache.make_stats(delta=True)

@@ -58,3 +58,34 @@ def hf_greedy(model_dir: str, prompt: Prompt, max_new_tokens: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(**inputs, generation_config=gc)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def hf_greedy_from_media(
+    model_dir: str, text: str, max_new_tokens: int, *, images=None, videos=None
+) -> tuple[list[int], list[int]]:
+    """Independent reference: HF's own processor on (text, media), then HF greedy generation.
+
+    Returns (expanded prompt token IDs, generated token IDs).
+    """
+    from transformers import AutoProcessor
+
+    model = load_hf_model(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    kwargs = {}
+    if images:
+        kwargs["images"] = images
+    if videos:
+        kwargs["videos"] = videos
+    inputs = processor(text=[text], return_tensors="pt", add_special_tokens=False, **kwargs)
+    inputs = {k: v for k, v in inputs.items() if k != "token_type_ids"}
+    gc = copy.deepcopy(model.generation_config)
+    gc.eos_token_id = None
+    gc.do_sample = False
+    gc.max_new_tokens = max_new_tokens
+    gc.min_new_tokens = None
+    if gc.pad_token_id is None:
+        gc.pad_token_id = 0
+    with torch.no_grad():
+        out = model.generate(**inputs, generation_config=gc)
+    n = inputs["input_ids"].shape[1]
+    return inputs["input_ids"][0].tolist(), out[0, n:].tolist()

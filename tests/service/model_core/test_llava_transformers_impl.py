@@ -29,3 +29,29 @@ async def test_transformers_backend_gives_the_same_tokens(llava, llava_transform
     # A prompt prepared for the native implementation is refused.
     with pytest.raises(ModelMismatch):
         await collect(llava_transformers.engine, llava.prompt(ONE, image=[image(1)]), Sampling(max_tokens=1))
+
+
+async def test_engine_death_turns_unavailable(llava_transformers):
+    """Kill the engine-core process mid-stream (the last use of this session's engine)."""
+    import asyncio
+    import os
+    import signal
+
+    from vlm.errors import Unavailable
+
+    engine = llava_transformers.engine
+    prompt = llava_transformers.prompt(ONE, image=[image(1)])
+    procs = engine._llm.engine_core.resources.engine_manager.processes
+    assert engine.healthy and procs
+    with pytest.raises(Unavailable):
+        async for chunk in engine.generate("doomed", prompt, Sampling(temperature=0.0, max_tokens=500, ignore_eos=True)):
+            if chunk.token_ids and procs[0].is_alive():
+                os.kill(procs[0].pid, signal.SIGKILL)
+    for _ in range(100):
+        if not engine.healthy:
+            break
+        await asyncio.sleep(0.05)
+    assert not engine.healthy and engine.errored
+    assert engine.in_flight() == 0
+    with pytest.raises(Unavailable):
+        await engine.generate("after", prompt, GREEDY16).__anext__()

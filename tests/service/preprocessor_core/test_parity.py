@@ -214,3 +214,29 @@ def test_processor_cache_hits_and_isolation(arch_env):
     ref = env.ref_completion({"prompt": text, "multi_modal_data": {"image": [env.ref_image(img)]}})
     assert_matches_reference(second.prompt, ref)
     assert second.metrics.cache_bytes > 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_arch_vllm_cannot_process(tiny_model, arch):
+    """Architectures vLLM 0.32 cannot process (Fuyu: its Transformers backend hands
+    FuyuProcessor a text whose image tokens don't match, for every image): vLLM's own renderer
+    fails on one image, and our processor refuses to start with that reason."""
+    from tests.service.preprocessor_core.conftest import make_reference
+    from preprocessor_svc.processing import PreprocessorConfig, Processor
+    from vlm.testing.tiny_models import SPECS
+
+    if SPECS.get(arch) is None or SPECS[arch].runs_in_vllm:
+        pytest.skip(f"vLLM processes {arch}")
+    model_dir = tiny_model(arch)
+    from vllm.multimodal.media.image import ImageMediaIO
+
+    reference = make_reference(model_dir, "auto")
+    with pytest.raises(Exception, match="Failed to apply"):
+        reference.render_cmpl(
+            [{"prompt": f"a {SPECS[arch].image_token}", "multi_modal_data": {"image": [ImageMediaIO().load_bytes(IMG_A)]}}]
+        )
+    processor = Processor(PreprocessorConfig(model=str(model_dir), workers=0))
+    with pytest.raises(RuntimeError, match="warm-up failed.*Failed to apply"):
+        processor.warmup()
+    info = processor.model_info()
+    assert info.modalities[0].placeholder_text == SPECS[arch].image_token
