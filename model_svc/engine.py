@@ -390,8 +390,9 @@ class Engine:
 
     @property
     def errored(self) -> bool:
-        if self._dead:
-            return True
+        """True once the engine died (never after a clean close)."""
+        if self._dead or self._closed:
+            return self._dead
         try:
             dead = bool(self._llm.errored)
         except Exception:  # noqa: BLE001 - a broken client is a dead engine

@@ -149,12 +149,11 @@ class PromptValidator:
         if n == 0:
             raise InvalidArgument("token_ids must not be empty", field="prompt.token_ids")
         vocab = spec.vocab_size
-        for k, t in enumerate(ids):
-            if not 0 <= t < vocab:
-                raise InvalidArgument(
-                    f"token ID {t} is outside the vocabulary [0, {vocab})",
-                    field=f"prompt.token_ids[{k}]",
-                )
+        if min(ids) < 0 or max(ids) >= vocab:
+            k, t = next((k, t) for k, t in enumerate(ids) if not 0 <= t < vocab)
+            raise InvalidArgument(
+                f"token ID {t} is outside the vocabulary [0, {vocab})", field=f"prompt.token_ids[{k}]"
+            )
         if n >= spec.max_model_len:
             raise PromptTooLong(
                 f"prompt has {n} tokens; the model's max length is {spec.max_model_len} "
@@ -197,7 +196,7 @@ class PromptValidator:
                 f"{feature_bytes} bytes of item features exceed the limit of {max_bytes} per prompt",
                 field="prompt.items",
             )
-        if self._placeholder_ids:
+        if self._placeholder_ids and not self._placeholder_ids.keys().isdisjoint(ids):
             for k, t in enumerate(ids):
                 if not covered[k] and t in self._placeholder_ids:
                     raise InvalidArgument(

@@ -247,21 +247,23 @@ class _ProcessWorker:
     def call(self, prompt: PromptInput, kwargs: Mapping[str, Any] | None) -> PreprocessResult:
         """Run one request (blocking; called on a helper thread)."""
         timeout = self.config.request_timeout_s
+        proc, conn = self.proc, self.conn  # stop() (close, timeout) may clear the attributes
+        if proc is None or conn is None:
+            raise _WorkerLost(f"worker {self.index} is not running")
         try:
-            self.conn.send((prompt, dict(kwargs) if kwargs else None))
-        except (BrokenPipeError, OSError) as e:
-            raise _WorkerLost(f"cannot reach worker {self.index}: {e}") from None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.conn.poll(0.25):
-            if not self.proc.is_alive():
-                raise _WorkerLost(f"worker {self.index} exited with code {self.proc.exitcode}")
-            if deadline is not None and time.monotonic() > deadline:
-                self.stop(grace_s=0)
-                raise _WorkerLost(f"processing took longer than {timeout} s; worker {self.index} was restarted")
-        try:
-            status, payload = self.conn.recv()
-        except (EOFError, OSError) as e:
-            raise _WorkerLost(f"worker {self.index} closed its pipe: {e}") from None
+            conn.send((prompt, dict(kwargs) if kwargs else None))
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not conn.poll(0.25):
+                if not proc.is_alive():
+                    raise _WorkerLost(f"worker {self.index} exited with code {proc.exitcode}")
+                if deadline is not None and time.monotonic() > deadline:
+                    self.stop(grace_s=0)
+                    raise _WorkerLost(
+                        f"processing took longer than {timeout} s; worker {self.index} was stopped"
+                    )
+            status, payload = conn.recv()
+        except (EOFError, OSError, ValueError) as e:  # ValueError: a closed Connection
+            raise _WorkerLost(f"lost the connection to worker {self.index}: {e}") from None
         if status == "ok":
             return _unpack_result(payload)
         raise _rebuild_error(payload)
@@ -436,6 +438,10 @@ class Preprocessor:
         except VlmError:
             self._counters["failed_total"] += 1
             raise
+        except Exception as e:  # noqa: BLE001 - e.g. an unpicklable request
+            self._counters["failed_total"] += 1
+            logger.exception("preprocessing failed")
+            raise Internal(f"preprocessing failed: {type(e).__name__}: {e}") from e
         self._counters["succeeded_total"] += 1
         m = result.metrics
         self._counters["cache_hits_total"] += m.cache_hits

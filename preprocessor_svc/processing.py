@@ -327,7 +327,9 @@ class Processor:
         for m in supported:
             others = {t for o in supported if o != m for t in ids[o]}
             distinct = [t for t in ids[m] if t not in others]
-            if len(set(distinct)) > 1:  # e.g. a SentencePiece "▁" before the special token
+            if len(set(distinct)) > 1:  # e.g. a SentencePiece "▁" before the placeholder
+                distinct = [t for t in distinct if self.tokenizer.decode([t]).strip()] or distinct
+            if len(set(distinct)) > 1:
                 distinct = [t for t in distinct if t in special] or distinct
             count_token = distinct[0] if len(set(distinct)) == 1 else None
             if count_token is None:

@@ -24,7 +24,6 @@ from vlm.testing.prompts import make_renderer, render_prompt
 from vlm.testing.tiny_models import SPECS, build_tiny_model
 from vlm.types import Prompt
 
-pytestmark = pytest.mark.engine
 
 
 def engine_args(model_dir: Path, **overrides):

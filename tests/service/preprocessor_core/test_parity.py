@@ -216,7 +216,13 @@ def test_processor_cache_hits_and_isolation(arch_env):
     assert second.metrics.cache_bytes > 0
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+def _archs_vllm_cannot_process() -> list[str]:
+    from vlm.testing.tiny_models import SPECS
+
+    return [a for a in ARCHS if a in SPECS and not SPECS[a].runs_in_vllm] or ["fuyu"]
+
+
+@pytest.mark.parametrize("arch", _archs_vllm_cannot_process())
 def test_arch_vllm_cannot_process(tiny_model, arch):
     """Architectures vLLM 0.32 cannot process (Fuyu: its Transformers backend hands
     FuyuProcessor a text whose image tokens don't match, for every image): vLLM's own renderer

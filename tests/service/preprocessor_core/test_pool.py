@@ -114,6 +114,28 @@ async def test_dead_worker_is_replaced(pool):
     await asyncio.gather(*(pool.preprocess(request(IMG_A)) for _ in range(4)))
 
 
+async def test_spawned_worker_agrees(tiny_model, arch_env):
+    """A worker started with `spawn` is a fresh interpreter (own imports, own PYTHONHASHSEED,
+    unlike the forkserver's children, which share the server's): its hashes equal this
+    process's. With the processor cache off (cache_bytes=0) hashes are still content hashes,
+    not per-request IDs."""
+    env = arch_env("llava")
+    expected = [it.hash for it in env.processor.process(request(IMG_B, IMG_A)).prompt.items]
+    pre = await Preprocessor.start(
+        PreprocessorConfig(
+            model=str(tiny_model("llava")), workers=1, start_method="spawn", warmup=False, cache_bytes=0
+        )
+    )
+    try:
+        for _ in range(2):  # twice: no cache, so the second is processed again
+            res = await pre.preprocess_detailed(request(IMG_B, IMG_A))
+            assert res.metrics.pid != os.getpid()
+            assert [it.hash for it in res.prompt.items] == expected
+            assert (res.metrics.cache_hits, res.metrics.cache_misses) == (0, 0)
+    finally:
+        await pre.close()
+
+
 @pytest_asyncio.fixture(scope="module")
 async def inline(tiny_model):
     pre = await Preprocessor.start(PreprocessorConfig(model=str(tiny_model("llava")), workers=0, max_queue=1))
