@@ -215,17 +215,22 @@ def _tree(pid: int) -> list[Any]:
     return procs
 
 
-def _role(proc: Any) -> str:
+def _role(proc: Any, root_pid: int) -> str:
     """A short label for a process of ours (vLLM sets titles like VLLM::EngineCore)."""
+    if proc.pid == root_pid:
+        return "main"
     try:
         name = proc.name()
         cmd = " ".join(proc.cmdline()[:6])
+        parent = proc.parent()
+        parent_cmd = " ".join(parent.cmdline()[:6]) if parent is not None else ""
     except Exception:  # noqa: BLE001 - gone or inaccessible
         return "?"
     if "EngineCore" in name or "EngineCore" in cmd:
         return "vllm-engine-core"
     if "forkserver" in cmd:
-        return "mp-forkserver"
+        # multiprocessing's forkserver, or a process forked from it (same command line).
+        return "forked-from-forkserver" if "forkserver" in parent_cmd else "mp-forkserver"
     if "resource_tracker" in cmd:
         return "mp-resource-tracker"
     if "multiprocessing" in cmd or "spawn_main" in cmd:
@@ -254,7 +259,7 @@ def tree_memory(pid: int | None = None, *, pss: bool = True) -> dict[str, Any]:
             continue
         total_rss += rss
         total_pss += p_pss
-        rows.append({"pid": p.pid, "role": _role(p), "rss_mb": rss / 2**20, "pss_mb": p_pss / 2**20 if pss else None})
+        rows.append({"pid": p.pid, "role": _role(p, pid), "rss_mb": rss / 2**20, "pss_mb": p_pss / 2**20 if pss else None})
     return {
         "rss_mb": total_rss / 2**20,
         "pss_mb": total_pss / 2**20 if pss else None,

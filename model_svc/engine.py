@@ -90,7 +90,9 @@ from vlm.types import (
     Usage,
 )
 
-from .engine_input import PromptToEngineInput, SamplingToParams, items_from_engine_input
+from vlm.vllm_mm import items_from_engine_input
+
+from .engine_input import PromptToEngineInput, SamplingToParams
 from .feature_store import FeatureStore, FeatureStoreStats
 from .output import OutputToChunk
 from .validation import Limits, ModelSpec, PromptValidator, derive_model_spec

@@ -22,8 +22,8 @@ items becomes `vllm.inputs.tokens_input(...)`.
 fields taking the model's generation-config defaults as vLLM's OpenAI server does, and vLLM's
 ValueErrors translated into InvalidArgument naming `sampling.<field>`.
 
-`fields_from_kwargs_item` / `items_from_engine_input` are the inverse direction (vLLM → domain),
-used by the start-up probe and by `vlm.testing.prompts`.
+The per-field and per-range conversions both ways live in `vlm.vllm_mm`, shared with the
+preprocessor.
 """
 
 from __future__ import annotations
@@ -31,34 +31,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 
-from vlm.types import FieldLayout, Item, ItemField, Modality, Placeholder, Prompt, Sampling
+from vlm.types import Prompt, Sampling
+from vlm.vllm_mm import placeholder_range, vllm_field
 
 from .validation import translate_sampling_error
 
 # ------------------------------------------------------------------------------- domain → vLLM
-
-
-def _vllm_field(f: ItemField) -> Any:
-    from vllm.multimodal.inputs import (
-        MultiModalBatchedField,
-        MultiModalFlatField,
-        MultiModalSharedField,
-    )
-
-    if f.layout is FieldLayout.BATCHED:
-        return MultiModalBatchedField(keep_on_cpu=f.keep_on_cpu)
-    if f.layout is FieldLayout.FLAT:
-        dim = f.flat_dim + f.data.dim() if f.flat_dim < 0 else f.flat_dim
-        n = int(f.data.shape[dim])
-        per_item = (slice(None),) * dim + (slice(0, n),)
-        return MultiModalFlatField(
-            slices=[per_item if dim else slice(0, n)], dim=dim, keep_on_cpu=f.keep_on_cpu
-        )
-    if f.layout is FieldLayout.SHARED:
-        return MultiModalSharedField(batch_size=1, keep_on_cpu=f.keep_on_cpu)
-    raise ValueError(f"unknown layout {f.layout!r}")
 
 
 class PromptToEngineInput:
@@ -75,7 +54,6 @@ class PromptToEngineInput:
             MultiModalFieldElem,
             MultiModalKwargsItem,
             MultiModalKwargsItems,
-            PlaceholderRange,
         )
 
         kwargs: dict[str, list[Any]] = {}
@@ -88,19 +66,13 @@ class PromptToEngineInput:
             kwargs.setdefault(m, []).append(
                 MultiModalKwargsItem(
                     {
-                        name: MultiModalFieldElem(data=f.data, field=_vllm_field(f))
+                        name: MultiModalFieldElem(data=f.data, field=vllm_field(f))
                         for name, f in item.fields.items()
                     }
                 )
             )
             hashes.setdefault(m, []).append(item.hash)
-            ph = item.placeholder
-            is_embed = None
-            if ph.is_embed is not None and not all(ph.is_embed):
-                is_embed = torch.tensor(ph.is_embed, dtype=torch.bool)
-            placeholders.setdefault(m, []).append(
-                PlaceholderRange(offset=ph.offset, length=ph.length, is_embed=is_embed)
-            )
+            placeholders.setdefault(m, []).append(placeholder_range(item.placeholder))
         return mm_input(
             prompt_token_ids=token_ids,
             mm_kwargs=MultiModalKwargsItems(kwargs),
@@ -151,69 +123,3 @@ class SamplingToParams:
             return SamplingParams(**kwargs)
         except Exception as e:  # noqa: BLE001 - VLLMValidationError is not a ValueError
             raise translate_sampling_error(e) from e
-
-
-# ------------------------------------------------------------------------------- vLLM → domain
-
-
-def _layout_of(field: Any) -> tuple[FieldLayout, int]:
-    from vllm.multimodal.inputs import (
-        MultiModalBatchedField,
-        MultiModalFlatField,
-        MultiModalSharedField,
-    )
-
-    if isinstance(field, MultiModalBatchedField):
-        return FieldLayout.BATCHED, 0
-    if isinstance(field, MultiModalFlatField):
-        return FieldLayout.FLAT, int(field.dim)
-    if isinstance(field, MultiModalSharedField):
-        return FieldLayout.SHARED, 0
-    raise TypeError(f"unknown vLLM field type {type(field).__name__}")
-
-
-def fields_from_kwargs_item(kwargs_item: Mapping[str, Any]) -> dict[str, ItemField]:
-    """One `MultiModalKwargsItem` → {name: ItemField} (each elem's data is already per item)."""
-    fields: dict[str, ItemField] = {}
-    for name, elem in kwargs_item.items():
-        if not isinstance(elem.data, torch.Tensor):
-            raise TypeError(f"field {name!r} holds {type(elem.data).__name__}, not a tensor")
-        layout, flat_dim = _layout_of(elem.field)
-        fields[name] = ItemField(
-            data=elem.data.contiguous(),
-            layout=layout,
-            flat_dim=flat_dim,
-            keep_on_cpu=bool(elem.field.keep_on_cpu),
-        )
-    return fields
-
-
-def placeholder_from_range(rng: Any) -> Placeholder:
-    is_embed = None
-    if rng.is_embed is not None:
-        is_embed = tuple(bool(x) for x in rng.is_embed.tolist())
-    return Placeholder(offset=int(rng.offset), length=int(rng.length), is_embed=is_embed)
-
-
-def items_from_engine_input(engine_input: Mapping[str, Any]) -> tuple[Item, ...]:
-    """A `MultiModalInput` dict → Items sorted by placeholder offset (prompt order).
-
-    An item whose kwargs are None (vLLM's processor cache had it) becomes hash-only.
-    """
-    items: list[Item] = []
-    mm_kwargs = engine_input.get("mm_kwargs") or {}
-    for modality_name, ranges in (engine_input.get("mm_placeholders") or {}).items():
-        modality = Modality(modality_name)
-        hashes = engine_input["mm_hashes"][modality_name]
-        kwargs_items = mm_kwargs.get(modality_name) or [None] * len(ranges)
-        for rng, h, kw in zip(ranges, hashes, kwargs_items, strict=True):
-            items.append(
-                Item(
-                    modality=modality,
-                    hash=h,
-                    placeholder=placeholder_from_range(rng),
-                    fields=None if kw is None else fields_from_kwargs_item(kw),
-                )
-            )
-    items.sort(key=lambda it: it.placeholder.offset)
-    return tuple(items)

@@ -475,7 +475,7 @@ def _probe(processor: Any, modality: Modality, k: int, seq_len: int) -> _Probe:
     from vllm.config.multimodal import MultiModalDummyOptions
     from vllm.multimodal.processing.context import TimingContext
 
-    from model_svc.engine_input import fields_from_kwargs_item
+    from vlm.vllm_mm import item_fields
 
     name = modality.value
     opts = MultiModalDummyOptions({name: _dummy_options(modality, k)})
@@ -499,7 +499,7 @@ def _probe(processor: Any, modality: Modality, k: int, seq_len: int) -> _Probe:
         if is_embed is None or is_embed[j]
     }
     embeds = rng.length if is_embed is None else sum(is_embed)
-    return _Probe(signature, fields_from_kwargs_item(kw), embeds, embed_ids, out)
+    return _Probe(signature, item_fields(kw), embeds, embed_ids, out)
 
 
 def _config_token_ids(hf_config: Any, modality: Modality) -> set[int]:

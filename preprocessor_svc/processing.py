@@ -32,7 +32,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 from preprocessor_svc.media import MediaDecoder, MediaLimits
 from vlm.errors import (
@@ -43,15 +42,12 @@ from vlm.errors import (
     VlmError,
 )
 from vlm.fingerprint import compute_fingerprint
+from vlm.vllm_mm import items_from_engine_input
 from vlm.types import (
-    FieldLayout,
-    Item,
-    ItemField,
     Media,
     ModalityInfo,
     Modality,
     ModelInfo,
-    Placeholder,
     Prompt,
     PromptInput,
 )
@@ -450,37 +446,44 @@ class Processor:
         refs = self._media_refs(prompt, kind)
         self._check_items(refs, kind)
 
-        # Decode (per modality timing), keeping request order within each modality.
-        decoded: dict[str, list[Any]] = {}
+        # Cheap checks first (template, tokenization, lengths, placeholder counts); media are
+        # decoded only for a request that passed them.
+        t_proc = time.perf_counter()
+        with _vllm_errors(prompt_field, "tokenization"):
+            tok_prompt, tok_params, prompt_text, chat_order = self._tokenize(prompt, kind)
+        ids = tok_prompt.get("prompt_token_ids")
+        if not ids:
+            raise InvalidArgument("the prompt is empty", field=prompt_field)
+        self._check_placeholders(ids, refs, kind, prompt_field)
+        tokenize_s = time.perf_counter() - t_proc
+
+        # Decode (timed per modality), keeping request order within each modality.
         decode_s: dict[str, float] = {}
         media_bytes: dict[str, int] = {}
         by_ref: list[Any] = []
         for ref in refs:
             m = ref.media.modality.value
             t0 = time.perf_counter()
-            obj = self.decoder.decode(ref.media, ref.path, video_io_overrides=video_io or None)
+            by_ref.append(self.decoder.decode(ref.media, ref.path, video_io_overrides=video_io or None))
             decode_s[m] = decode_s.get(m, 0.0) + time.perf_counter() - t0
             media_bytes[m] = media_bytes.get(m, 0) + len(ref.media.data)
-            decoded.setdefault(m, []).append(obj)
-            by_ref.append(obj)
+        decoded: dict[str, list[Any]] = {}
+        if chat_order is not None:
+            # Chat: in the order vLLM's chat parser collected the parts, per modality.
+            for m, indices in chat_order.items():
+                decoded[m] = [by_ref[i] for i in indices]
+        else:
+            for ref, obj in zip(refs, by_ref):
+                decoded.setdefault(ref.media.modality.value, []).append(obj)
 
         t_proc = time.perf_counter()
-        with _vllm_errors(prompt_field, "tokenization"):
-            tok_prompt, tok_params, prompt_text = self._tokenize(prompt, kind, refs, by_ref)
-        ids = tok_prompt.get("prompt_token_ids")
-        if not ids:
-            raise InvalidArgument("the prompt is empty", field=prompt_field)
-        self._check_placeholders(ids, refs, kind, prompt_field)
-
+        tok_prompt.pop("multi_modal_uuids", None)
+        tok_prompt.pop("multi_modal_data", None)
         if decoded:
             tok_prompt["multi_modal_data"] = decoded
-            tok_prompt.pop("multi_modal_uuids", None)
             if hf_kwargs:
                 tok_prompt["mm_processor_kwargs"] = hf_kwargs
             tok_prompt["media_io_kwargs"] = {"video": dict(video_io)} if video_io else {}
-        else:
-            for key in ("multi_modal_data", "multi_modal_uuids"):
-                tok_prompt.pop(key, None)
 
         if self._mm_cache is not None:
             self._mm_cache.make_stats(delta=True)
@@ -493,7 +496,7 @@ class Processor:
             info = self._mm_cache.make_stats(delta=True)
             hits, misses = int(info.hits), int(info.total - info.hits)
             cache_bytes = int(getattr(getattr(self._mm_cache, "_cache", None), "currsize", 0))
-        process_s = time.perf_counter() - t_proc
+        process_s = tokenize_s + time.perf_counter() - t_proc
 
         out_ids = engine_input["prompt_token_ids"]
         if len(out_ids) >= self.max_model_len:
@@ -588,13 +591,15 @@ class Processor:
                 )
 
     def _tokenize(
-        self, prompt: PromptInput, kind: str, refs: Sequence[_MediaRef], by_ref: Sequence[Any]
-    ) -> tuple[dict[str, Any], Any, str | None]:
+        self, prompt: PromptInput, kind: str
+    ) -> tuple[dict[str, Any], Any, str | None, dict[str, list[int]] | None]:
+        """Tokenized prompt (no media attached yet), its TokenizeParams, the prompt text and,
+        for chat, which media (index in request order) vLLM placed where per modality."""
         r = self.renderer
         if kind == "text":
             params = r.default_cmpl_tok_params
             tok = r.tokenize_prompt({"prompt": prompt.text}, params)
-            return dict(tok), params, prompt.text
+            return dict(tok), params, prompt.text, None
         if kind == "token_ids":
             ids = list(prompt.token_ids or ())
             if any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
@@ -602,11 +607,11 @@ class Processor:
             r.validate_token_ids(ids, parameter="prompt.token_ids")
             params = r.default_cmpl_tok_params
             tok = r.tokenize_prompt({"prompt_token_ids": ids}, params)
-            return dict(tok), params, None
+            return dict(tok), params, None, None
 
         from vllm.renderers.params import ChatParams
 
-        uuids: dict[str, Any] = {}
+        uuids: dict[str, int] = {}
         messages = []
         k = 0
         for msg in prompt.messages or ():
@@ -619,7 +624,7 @@ class Processor:
                 # placeholders) without fetching anything; the decoded items are put in
                 # afterwards, by uuid, in the order vLLM's parser collected them.
                 uuid = f"vlm-media-{k}"
-                uuids[uuid] = by_ref[k]
+                uuids[uuid] = k
                 key = "image_url" if part.media.modality == Modality.IMAGE else "video_url"
                 content.append({"type": key, key: None, "uuid": uuid})
                 k += 1
@@ -631,16 +636,14 @@ class Processor:
         dict_prompt = dict(dict_prompt)
         mm_uuids = dict_prompt.pop("multi_modal_uuids", None) or {}
         dict_prompt.pop("multi_modal_data", None)
-        rebuilt = {m: [uuids[u] for u in us] for m, us in mm_uuids.items() if us}
+        order = {m: [uuids[u] for u in us] for m, us in mm_uuids.items() if us}
         tok_params = r.default_chat_tok_params
         tok = dict(r.tokenize_prompt(dict_prompt, tok_params))
-        if rebuilt:
-            tok["multi_modal_data"] = rebuilt
         text = dict_prompt.get("prompt")
         if not isinstance(text, str):
             # vLLM applies the template with tokenize=True: recover the text for information.
             text = self.tokenizer.decode(tok.get("prompt_token_ids") or [])
-        return tok, tok_params, text
+        return tok, tok_params, text, order
 
     def _check_placeholders(
         self, ids: Sequence[int], refs: Sequence[_MediaRef], kind: str, prompt_field: str
@@ -663,36 +666,12 @@ class Processor:
                 )
 
     def _to_prompt(self, engine_input: Mapping[str, Any], prompt_text: str | None) -> Prompt:
+        items = items_from_engine_input(engine_input) if engine_input.get("type") == "multimodal" else ()
+        for item in items:
+            if item.fields is None:
+                raise Internal(f"vLLM returned no features for {item.modality.value} item {item.hash}")
         ids = tuple(int(t) for t in engine_input["prompt_token_ids"])
-        items: list[Item] = []
-        if engine_input.get("type") == "multimodal":
-            kwargs = engine_input["mm_kwargs"]
-            hashes = engine_input["mm_hashes"]
-            for modality, ranges in engine_input["mm_placeholders"].items():
-                mod_kwargs = kwargs.get(modality, [])
-                mod_hashes = hashes.get(modality, [])
-                if not (len(ranges) == len(mod_kwargs) == len(mod_hashes)):
-                    raise Internal(
-                        f"vLLM returned {len(ranges)} {modality} ranges, {len(mod_kwargs)} "
-                        f"feature items and {len(mod_hashes)} hashes"
-                    )
-                for rng, kw, h in zip(ranges, mod_kwargs, mod_hashes):
-                    if kw is None:
-                        raise Internal(f"vLLM returned no features for {modality} item {h}")
-                    fields = {name: _item_field(name, elem) for name, elem in kw.items()}
-                    is_embed = None
-                    if rng.is_embed is not None:
-                        is_embed = tuple(bool(b) for b in rng.is_embed.tolist())
-                    items.append(
-                        Item(
-                            modality=Modality(modality),
-                            hash=str(h),
-                            placeholder=Placeholder(int(rng.offset), int(rng.length), is_embed),
-                            fields=fields,
-                        )
-                    )
-        items.sort(key=lambda it: it.placeholder.offset)
-        return Prompt(self.fingerprint, ids, tuple(items), prompt_text)
+        return Prompt(self.fingerprint, ids, items, prompt_text)
 
     # -- stats ---------------------------------------------------------------------------------
 
@@ -736,34 +715,6 @@ def _input_kind(prompt: PromptInput) -> str:
     if kind == "messages" and not prompt.messages:
         raise InvalidArgument("no chat messages", field="prompt.messages")
     return kind
-
-
-def _item_field(name: str, elem: Any) -> ItemField:
-    from vllm.multimodal.inputs import (
-        MultiModalBatchedField,
-        MultiModalFlatField,
-        MultiModalSharedField,
-    )
-
-    data, f = elem.data, elem.field
-    if not isinstance(data, torch.Tensor):
-        raise Internal(
-            f"field {name!r} holds {type(data).__name__}, not a single tensor; this model's "
-            "item layout is not supported"
-        )
-    if isinstance(f, MultiModalBatchedField):
-        layout, dim = FieldLayout.BATCHED, 0
-    elif isinstance(f, MultiModalFlatField):
-        # The field still lists every item's slice in the batch; the element's data is already
-        # this item's own slice, so only the concatenation dim is kept.
-        layout, dim = FieldLayout.FLAT, int(f.dim)
-    elif isinstance(f, MultiModalSharedField):
-        layout, dim = FieldLayout.SHARED, 0
-    else:
-        raise Internal(f"field {name!r} has an unknown layout {type(f).__name__}")
-    # An own, compact copy: never a view into a batch tensor or into a cached item.
-    tensor = data.detach().cpu().clone(memory_format=torch.contiguous_format)
-    return ItemField(tensor, layout, dim, bool(f.keep_on_cpu))
 
 
 @contextlib.contextmanager

@@ -50,7 +50,8 @@ from PIL import Image
 from tests.e2e.conftest import Pipeline, png, start_pipeline
 from tests.service.model_core.hf_reference import load_hf_model
 from vlm import types
-from vlm.testing.tiny_models import SPECS, warm_vllm_model_info_cache
+from vlm.errors import UpstreamError
+from vlm.testing.tiny_models import SPECS, build_tiny_model, warm_vllm_model_info_cache
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session")]
 
@@ -261,15 +262,30 @@ def _hf_from_media(model_dir: Path, prompt: types.Prompt, images: list[bytes]) -
 # ---------------------------------------------------------------------------------------------
 
 
+def _prewarm_preprocessor_forkserver() -> None:
+    """Best effort: start the preprocessor workers' forkserver now. It imports vLLM once (about
+    15 s here); started first, that import overlaps the engine start (which blocks the event loop
+    and spawns vLLM's engine-core process) instead of following it. Later workers fork from it."""
+    try:
+        import multiprocessing.forkserver
+
+        from preprocessor_svc.pool import _mp_context
+
+        _mp_context("forkserver")  # sets the forkserver's preload list
+        multiprocessing.forkserver.ensure_running()
+    except Exception:  # noqa: BLE001 - purely an optimisation
+        pass
+
+
 @pytest_asyncio.fixture(scope="class", loop_scope="session")
 async def pipe(request, e2e_models_root) -> Pipeline:
     arch = request.cls.ARCH
     assert SPECS[arch].runs_in_vllm
     t0 = time.perf_counter()
-    from vlm.testing.tiny_models import build_tiny_model
-
+    _prewarm_preprocessor_forkserver()
+    model_dir = await asyncio.to_thread(build_tiny_model, arch, e2e_models_root / arch)
     # Skips vLLM's ~25 s model-inspection subprocess on a cold cache (best effort).
-    warm_vllm_model_info_cache(build_tiny_model(arch, e2e_models_root / arch))
+    await asyncio.to_thread(warm_vllm_model_info_cache, model_dir)
     p = await start_pipeline(arch, e2e_models_root)
     print(f"\n[{arch}] pipeline up in {time.perf_counter() - t0:.1f}s", flush=True)
     try:
@@ -424,7 +440,7 @@ class TestMistral3:
 class TestGemma3:
     ARCH = "gemma3"
     TOK = SPECS[ARCH]
-    # No "\n" right after the image: see test_image_followed_by_newline_is_refused.
+    # No "\n" right after the image: see test_image_followed_by_newline.
     TEXT = f"{TOK.image_token} What is in the picture?"
 
     async def test_one_image(self, pipe) -> None:
@@ -432,7 +448,7 @@ class TestGemma3:
         (item,) = prompt.items
         assert item.placeholder.embed_count() == 16
 
-    @pytest.mark.xfail(strict=True, reason=(
+    @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
         "vLLM 0.32's CPU attention has no mm-prefix (bidirectional) attention: Gemma3's image "
         "tokens attend causally in vLLM on CPU, bidirectionally in HF (token_type_ids)"))
     async def test_bidirectional_image_attention_as_hf(self, pipe) -> None:
@@ -453,6 +469,16 @@ class TestGemma3:
         assert ids == await asyncio.to_thread(hf_bidirectional)
 
 
+    @pytest.mark.xfail(strict=True, raises=UpstreamError, reason=(
+        "vLLM 0.32 Gemma3 processor bug: after expansion the image's trailing '\\n\\n' and the "
+        "prompt's '\\n' are merged into the '\\n\\n\\n' token, which _find_mm_placeholders "
+        "splits back as '\\n' + '\\n\\n' (wrong order), so no placeholder is found: RuntimeError "
+        "'Expected there to be 1 prompt placeholders ... but instead found 0', answered INTERNAL. "
+        "HF's processor takes this prompt."))
+    async def test_image_followed_by_newline(self, pipe) -> None:
+        await _run_one_image(pipe, f"{self.TOK.image_token}\nWhat is in the picture?", png(42, (48, 40)))
+
+
 class TestIdefics3:
     ARCH = "idefics3"
     TOK = SPECS[ARCH]
@@ -464,15 +490,3 @@ class TestIdefics3:
         assert item.fields["pixel_values"].data.shape[0] > 1
         assert item.placeholder.is_embed is not None and not all(item.placeholder.is_embed)
 
-
-class TestGemma3Probe:
-    ARCH = "gemma3"
-
-    async def test_probe_newline(self, pipe) -> None:
-        from vlm.errors import UpstreamError
-        async with pipe.pre_client() as pre:
-            try:
-                await pre.preprocess(types.PromptInput(text="<start_of_image>\nWhat?", media=(_img(1),)))
-                print("PROBE ok")
-            except UpstreamError as e:
-                print("PROBE", e.code, e.reason, e.field, e.message)

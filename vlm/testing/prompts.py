@@ -8,8 +8,7 @@ domain `Item`s:
     renderer = make_renderer(vllm_config)           # e.g. engine.vllm_config
     prompt = render_prompt(renderer, token_ids, {"image": [img]}, fingerprint)
 
-`items_from_engine_input` (from `model_svc.engine_input`, the inverse of its
-`PromptToEngineInput`) does the conversion. Build the renderer from an engine config with
+`vlm.vllm_mm.items_from_engine_input` (shared with the preprocessor) does the conversion. Build the renderer from an engine config with
 `mm_processor_cache_gb=0`: with vLLM's processor cache on, a repeated item comes back without
 data (vLLM assumes its engine holds it) and becomes a hash-only item here.
 """
@@ -20,7 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from model_svc.engine_input import items_from_engine_input
+from vlm.vllm_mm import items_from_engine_input
 from vlm.types import Fingerprint, Prompt
 
 __all__ = ["items_from_engine_input", "make_renderer", "prompt_from_engine_input", "render_prompt"]

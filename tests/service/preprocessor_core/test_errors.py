@@ -199,3 +199,9 @@ def test_prompt_form(llava):
     raises(InvalidArgument, "prompt.token_ids", p, PromptInput(token_ids=()))
     raises(InvalidArgument, "prompt.token_ids", p, PromptInput(token_ids=(1, 10**9)))
     raises(InvalidArgument, "prompt.token_ids", p, PromptInput(token_ids=(1, -3)))
+
+
+def test_prompt_checks_come_before_decoding(llava):
+    """A malformed prompt is refused without decoding its media (cheap checks first)."""
+    raises(InvalidArgument, "prompt.text", llava.processor.process,
+           PromptInput(text="<image><image>", media=(img(b"not an image"),)))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.service.preprocessor_core.conftest import ARCHS, assert_matches_reference, data_url
 from tests.unit.preprocessor.samples import image_bytes, video_bytes

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import torch
 
-from model_svc.engine_input import PromptToEngineInput, SamplingToParams, items_from_engine_input
+from model_svc.engine_input import PromptToEngineInput, SamplingToParams
+from vlm.vllm_mm import items_from_engine_input
 from vlm.types import FieldLayout, Fingerprint, Item, ItemField, Modality, Placeholder, Prompt, Sampling
 
 FP = Fingerprint("m", "auto", "h")
