@@ -82,8 +82,8 @@ class Settings:
         return 1 + self.warmup + max(self.concurrency) + self.rounds * sum(self.concurrency)
 
 
-QUICK = Settings(concurrency=(1, 4), rounds=1, max_tokens=64, warmup=1, side_timeout_s=300)
-FULL = Settings(concurrency=(1, 4), rounds=5, max_tokens=64, warmup=2, side_timeout_s=480)
+QUICK = Settings(concurrency=(1, 4), rounds=2, max_tokens=64, warmup=1, side_timeout_s=300)
+FULL = Settings(concurrency=(1, 4), rounds=10, max_tokens=64, warmup=2, side_timeout_s=480)
 
 
 def engine_kwargs(model_dir: str) -> dict[str, Any]:
@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke-test settings (< 2 min)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--rounds", type=int, default=None,
-                   help="rounds of N concurrent requests per level (default: 1 quick, 5 full)")
+                   help="rounds of N concurrent requests per level (default: 2 quick, 10 full)")
     p.add_argument("--side", choices=("baseline", "pair"), default=None,
                    help="internal: run one side in this process and write --json")
     p.add_argument("--model-dir", type=Path, help="(--side) model directory")

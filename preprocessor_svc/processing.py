@@ -734,6 +734,12 @@ def _vllm_errors(prompt_field: str, stage: str) -> Iterator[None]:
         logger.debug("%s failed", stage, exc_info=True)
         text = str(e).strip() or type(e).__name__
         raise InvalidArgument(f"{stage} failed: {text[:500]}", field=prompt_field) from None
+    except RuntimeError as e:
+        # vLLM's processor could not place the items' placeholders in this prompt (e.g. a
+        # placeholder glued to neighbouring text that tokenizes differently): a prompt problem.
+        if "prompt placeholders" in str(e):
+            raise InvalidArgument(f"{stage} failed: {str(e)[:500]}", field=prompt_field) from None
+        raise
     except Exception as e:  # noqa: BLE001
         if type(e).__module__.startswith("jinja2"):
             raise InvalidArgument(f"chat template failed: {e}", field=prompt_field) from None

@@ -473,8 +473,8 @@ class TestGemma3:
         "vLLM 0.32 Gemma3 processor bug: after expansion the image's trailing '\\n\\n' and the "
         "prompt's '\\n' are merged into the '\\n\\n\\n' token, which _find_mm_placeholders "
         "splits back as '\\n' + '\\n\\n' (wrong order), so no placeholder is found: RuntimeError "
-        "'Expected there to be 1 prompt placeholders ... but instead found 0', answered INTERNAL. "
-        "HF's processor takes this prompt."))
+        "'Expected there to be 1 prompt placeholders ... but instead found 0', which the "
+        "preprocessor answers INVALID_ARGUMENT naming prompt.text. HF's processor takes this prompt."))
     async def test_image_followed_by_newline(self, pipe) -> None:
         await _run_one_image(pipe, f"{self.TOK.image_token}\nWhat is in the picture?", png(42, (48, 40)))
 

@@ -1,15 +1,22 @@
-"""Per-architecture fixtures for the preprocessor core tests.
+"""Per-architecture fixtures for the preprocessor tests.
 
 For each tiny architecture (built once per session with `vlm.testing.tiny_models`) a session
-keeps two things side by side:
+keeps three things side by side:
 
 * `processor`: our `preprocessor_svc.processing.Processor` (in-process, no worker pool);
+* `service`: the real preprocessor gRPC service (`PreprocessorApp`: servicer, conversions,
+  tensor codec, error interceptor) on 127.0.0.1:0, run on its own event-loop thread;
 * `reference`: a plain vLLM renderer (`renderer_from_config`, processor cache off) that the
   tests call directly, exactly as vLLM's frontend would, to get the expected `MultiModalInput`.
+
+`ArchEnv.process(...)` runs a prompt through both the processor and the service and checks that
+they agree: the same Prompt (bit-identical tensors after the wire) or, for a bad request, the
+exception's gRPC status code, reason and field at the client.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import threading
@@ -21,8 +28,10 @@ from typing import Any
 import pytest
 import torch
 
-from preprocessor_svc.processing import PreprocessorConfig, Processor
-from vlm.types import Prompt
+from preprocessor_svc.processing import PreprocessorConfig, PreprocessResult, Processor
+from vlm import convert
+from vlm.errors import VlmError
+from vlm.types import Prompt, PromptInput
 
 ARCHS = ("llava", "qwen2_vl", "llava_onevision", "mistral3", "gemma3", "idefics3", "fuyu")
 
@@ -52,6 +61,58 @@ def tiny_model(tiny_model_root):
     return get
 
 
+class ServiceThread:
+    """The real preprocessor gRPC service on its own event loop, called with a sync stub."""
+
+    def __init__(self, config: PreprocessorConfig) -> None:
+        import grpc
+
+        from vlm.preprocessor.v1 import preprocessor_pb2_grpc
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.app = asyncio.run_coroutine_threadsafe(self._start(config), self._loop).result(300)
+        self._channel = grpc.insecure_channel(f"127.0.0.1:{self.app.grpc.port}")
+        self.stub = preprocessor_pb2_grpc.PreprocessorServiceStub(self._channel)
+
+    @staticmethod
+    async def _start(config: PreprocessorConfig):
+        from preprocessor_svc.app import PreprocessorApp
+        from vlm.server import ServerOptions
+
+        return await PreprocessorApp.start(config, ServerOptions(metrics_port=None, grace_s=0))
+
+    def preprocess(self, prompt: PromptInput, kwargs: dict[str, Any] | None = None) -> Prompt:
+        """One Preprocess RPC; a failed call raises grpc.RpcError."""
+        from vlm.preprocessor.v1 import preprocessor_pb2 as pre_pb
+
+        prompt_pb, media_pb = convert.prompt_input_to_pb(prompt)
+        req = pre_pb.PreprocessRequest(
+            prompt=prompt_pb, media=media_pb, processor_options=convert.processor_kwargs_to_pb(kwargs)
+        )
+        return convert.prompt_from_pb(self.stub.Preprocess(req, timeout=120).prompt)
+
+    def close(self) -> None:
+        self._channel.close()
+        asyncio.run_coroutine_threadsafe(self.app.close(), self._loop).result(60)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+def assert_same_prompt(a: Prompt, b: Prompt) -> None:
+    assert a.fingerprint == b.fingerprint
+    assert a.token_ids == b.token_ids and a.prompt_text == b.prompt_text
+    assert len(a.items) == len(b.items)
+    for x, y in zip(a.items, b.items):
+        assert (x.modality, x.hash, x.placeholder) == (y.modality, y.hash, y.placeholder)
+        assert set(x.fields) == set(y.fields)
+        for name, f in x.fields.items():
+            g = y.fields[name]
+            assert (f.layout, f.flat_dim, f.keep_on_cpu) == (g.layout, g.flat_dim, g.keep_on_cpu), name
+            assert f.data.dtype == g.data.dtype and torch.equal(f.data, g.data), name
+
+
 @dataclass
 class ArchEnv:
     arch: str
@@ -60,7 +121,50 @@ class ArchEnv:
     spec: Any
     processor: Processor
     reference: Any  # vLLM HfRenderer
+    service: ServiceThread
     timings: dict[str, float] = field(default_factory=dict)
+
+    def process(self, prompt: PromptInput, kwargs: dict[str, Any] | None = None) -> PreprocessResult:
+        return process_both(self.processor, self.service, prompt, kwargs)
+
+
+def process_both(
+    processor: Processor, service: ServiceThread, prompt: PromptInput, kwargs: dict[str, Any] | None
+) -> PreprocessResult:
+    """Process in-process and over the real service; both must agree (result or status)."""
+    import grpc
+
+    from vlm.server import error_detail_from_trailers
+
+    try:
+        res = processor.process(prompt, kwargs)
+    except VlmError as e:
+        with pytest.raises(grpc.RpcError) as over_wire:
+            service.preprocess(prompt, kwargs)
+        err = over_wire.value
+        detail = error_detail_from_trailers(err.trailing_metadata())
+        assert err.code() == e.code, (err.code(), e.code, err.details())
+        assert (detail.reason, detail.field) == (e.reason, e.field or ""), err.details()
+        raise
+    assert_same_prompt(service.preprocess(prompt, kwargs), res.prompt)
+    return res
+
+
+class CheckedProcessor:
+    """A Processor whose `process` also runs over its own real service (see `process_both`)."""
+
+    def __init__(self, config: PreprocessorConfig) -> None:
+        self.processor = Processor(config)
+        self.service = ServiceThread(config)
+
+    def process(self, prompt: PromptInput, kwargs: dict[str, Any] | None = None) -> PreprocessResult:
+        return process_both(self.processor, self.service, prompt, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.processor, name)
+
+    def close(self) -> None:
+        self.service.close()
 
     @property
     def tokenizer(self):
@@ -141,6 +245,8 @@ def arch_env(tiny_model):
             t2 = time.perf_counter()
             reference = make_reference(model_dir, model_impl)
             t3 = time.perf_counter()
+            service = ServiceThread(processor.config)
+            services.append(service)
             cache[key] = ArchEnv(
                 arch,
                 model_impl,
@@ -148,11 +254,15 @@ def arch_env(tiny_model):
                 SPECS[arch],
                 processor,
                 reference,
+                service,
                 {"processor_build_s": t1 - t0, "warmup_s": t2 - t1, "reference_build_s": t3 - t2},
             )
         return cache[key]
 
-    return get
+    services: list[ServiceThread] = []
+    yield get
+    for service in services:
+        service.close()
 
 
 def assert_matches_reference(prompt: Prompt, ref: dict[str, Any]) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from preprocessor_svc.processing import PreprocessorConfig, Processor
+from preprocessor_svc.processing import PreprocessorConfig
+from tests.service.preprocessor_core.conftest import CheckedProcessor
 from tests.unit.preprocessor.samples import blank_image_bytes, image_bytes, video_bytes
 from vlm.errors import InvalidArgument, InvalidMedia, LimitExceeded, PromptTooLong
 from vlm.types import ChatMessage, ChatPart, Media, Modality, PromptInput
@@ -36,12 +37,15 @@ def llava(arch_env):
 
 @pytest.fixture(scope="module")
 def llava_small(tiny_model):
-    """llava with a 2-image limit and a 48-token context (one image expands to 16 tokens)."""
-    return Processor(
+    """llava with a 2-image limit and a 48-token context (one image expands to 16 tokens),
+    checked in-process and over its own real gRPC service."""
+    checked = CheckedProcessor(
         PreprocessorConfig(
             model=str(tiny_model("llava")), workers=0, limit_mm_per_prompt={"image": 2}, max_model_len=48
         )
     )
+    yield checked
+    checked.close()
 
 
 # -- placeholder counts (vLLM does not check them on the token path) ------------------------
@@ -53,7 +57,7 @@ def llava_small(tiny_model):
 )
 def test_placeholder_count_text(llava, template, n_images):
     text = template.format(t=llava.spec.image_token)
-    e = raises(InvalidArgument, "prompt.text", llava.processor.process, PromptInput(text=text, media=(img(),) * n_images))
+    e = raises(InvalidArgument, "prompt.text", llava.process, PromptInput(text=text, media=(img(),) * n_images))
     assert "placeholder" in e.message
 
 
@@ -63,25 +67,25 @@ def test_placeholder_count_token_ids(llava):
     ids = llava.tokenizer.encode(f"a {tok} b {tok}")
     ref = llava.ref_completion({"prompt_token_ids": ids, "multi_modal_data": {"image": [llava.ref_image(PNG)]}})
     assert len(ref["mm_placeholders"]["image"]) == 1  # vLLM: no error
-    raises(InvalidArgument, "prompt.token_ids", llava.processor.process, PromptInput(token_ids=tuple(ids), media=(img(),)))
+    raises(InvalidArgument, "prompt.token_ids", llava.process, PromptInput(token_ids=tuple(ids), media=(img(),)))
 
 
 def test_placeholder_count_chat(llava):
     """A placeholder typed into a chat text part comes on top of the one the template adds."""
     messages = (ChatMessage("user", (ChatPart(text=f"look {llava.spec.image_token}"), ChatPart(media=img()))),)
-    raises(InvalidArgument, "prompt.messages", llava.processor.process, PromptInput(messages=messages))
+    raises(InvalidArgument, "prompt.messages", llava.process, PromptInput(messages=messages))
 
 
 def test_placeholder_of_other_modality(arch_env):
     env = arch_env("qwen2_vl")
     raises(
-        InvalidArgument, "prompt.text", env.processor.process,
+        InvalidArgument, "prompt.text", env.process,
         PromptInput(text=f"{env.spec.image_token} here", media=(vid(),)),
     )
 
 
 def test_unsupported_modality(llava):
-    raises(InvalidArgument, "media[1].modality", llava.processor.process,
+    raises(InvalidArgument, "media[1].modality", llava.process,
            PromptInput(text=f"{llava.spec.image_token} x", media=(img(), vid())))
 
 
@@ -129,7 +133,7 @@ def test_prompt_too_long_before_expansion(llava_small):
 )
 def test_processor_kwargs_rejected(arch_env, kwargs, name):
     env = arch_env("qwen2_vl")
-    raises(InvalidArgument, f"processor_options.kwargs.{name}", env.processor.process,
+    raises(InvalidArgument, f"processor_options.kwargs.{name}", env.process,
            PromptInput(text=f"{env.spec.image_token}", media=(img(),)), kwargs)
 
 
@@ -137,7 +141,7 @@ def test_processor_kwargs_model_specific(llava):
     """max_pixels is Qwen2-VL's: LLaVA's processor would ignore it (yet it would change the
     hash), so it is refused."""
     assert "max_pixels" not in llava.processor.allowed_kwargs
-    raises(InvalidArgument, "processor_options.kwargs.max_pixels", llava.processor.process,
+    raises(InvalidArgument, "processor_options.kwargs.max_pixels", llava.process,
            PromptInput(text="<image>", media=(img(),)), {"max_pixels": 1000})
 
 
@@ -159,7 +163,7 @@ BOMB = blank_image_bytes(8000, 8000)  # 64 Mpixel bilevel PNG: a few kB on the w
     ],
 )
 def test_bad_images(llava, data, reason):
-    e = raises(InvalidMedia, "media[1].data", llava.processor.process,
+    e = raises(InvalidMedia, "media[1].data", llava.process,
                PromptInput(text="<image><image>", media=(img(), img(data))))
     assert reason in e.message
 
@@ -169,18 +173,18 @@ def test_bad_image_in_chat(llava):
         ChatMessage("system", (ChatPart(text="hi"),)),
         ChatMessage("user", (ChatPart(text="see"), ChatPart(media=img(PNG[:100])))),
     )
-    raises(InvalidMedia, "prompt.messages[1].content[1].media.data", llava.processor.process, PromptInput(messages=messages))
+    raises(InvalidMedia, "prompt.messages[1].content[1].media.data", llava.process, PromptInput(messages=messages))
 
 
 def test_mime_type_mismatch(llava):
-    raises(InvalidMedia, "media[0].mime_type", llava.processor.process,
+    raises(InvalidMedia, "media[0].mime_type", llava.process,
            PromptInput(text="<image>", media=(img(mime="video/mp4"),)))
 
 
 @pytest.mark.parametrize("data", [b"", MP4[: len(MP4) // 3], b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 200, PNG])
 def test_bad_videos(arch_env, data):
     env = arch_env("llava_onevision")
-    raises(InvalidMedia, "media[1].data", env.processor.process,
+    raises(InvalidMedia, "media[1].data", env.process,
            PromptInput(text="<image><video>", media=(img(), vid(data))))
 
 
@@ -188,7 +192,7 @@ def test_bad_videos(arch_env, data):
 
 
 def test_prompt_form(llava):
-    p = llava.processor.process
+    p = llava.process
     raises(InvalidArgument, "prompt", p, PromptInput())
     raises(InvalidArgument, "prompt", p, PromptInput(text="a", token_ids=(1, 2)))
     raises(InvalidArgument, "prompt.messages", p, PromptInput(messages=()))
@@ -203,5 +207,5 @@ def test_prompt_form(llava):
 
 def test_prompt_checks_come_before_decoding(llava):
     """A malformed prompt is refused without decoding its media (cheap checks first)."""
-    raises(InvalidArgument, "prompt.text", llava.processor.process,
+    raises(InvalidArgument, "prompt.text", llava.process,
            PromptInput(text="<image><image>", media=(img(b"not an image"),)))

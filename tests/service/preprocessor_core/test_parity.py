@@ -25,7 +25,7 @@ def video(data: bytes) -> Media:
 def test_one_image(arch_env, arch):
     env = arch_env(arch)
     text = f"Describe {env.spec.image_token} briefly."
-    res = env.processor.process(PromptInput(text=text, media=(image(IMG_A),)))
+    res = env.process(PromptInput(text=text, media=(image(IMG_A),)))
     ref = env.ref_completion({"prompt": text, "multi_modal_data": {"image": [env.ref_image(IMG_A)]}})
     assert_matches_reference(res.prompt, ref)
     assert len(res.prompt.items) == 1 and res.prompt.prompt_text == text
@@ -40,7 +40,7 @@ def test_two_images(arch_env, arch):
     env = arch_env(arch)
     tok = env.spec.image_token
     text = f"First {tok} then {tok} compare."
-    res = env.processor.process(PromptInput(text=text, media=(image(IMG_A), image(IMG_B))))
+    res = env.process(PromptInput(text=text, media=(image(IMG_A), image(IMG_B))))
     ref = env.ref_completion(
         {"prompt": text, "multi_modal_data": {"image": [env.ref_image(IMG_A), env.ref_image(IMG_B)]}}
     )
@@ -58,7 +58,7 @@ def test_image_and_video_interleaved(arch_env, arch):
     it, vt = env.spec.image_token, env.spec.video_token
     text = f"Image {it} then video {vt} and image {it}."
     media = (image(IMG_A), video(VIDEO), image(IMG_B))
-    res = env.processor.process(PromptInput(text=text, media=media))
+    res = env.process(PromptInput(text=text, media=media))
     ref = env.ref_completion(
         {
             "prompt": text,
@@ -78,7 +78,7 @@ def test_token_ids(arch_env, arch):
     env = arch_env(arch)
     tok = env.spec.image_token
     ids = env.tokenizer.encode(f"Look at {tok} and {tok} now", add_special_tokens=True)
-    res = env.processor.process(PromptInput(token_ids=tuple(ids), media=(image(IMG_B), image(IMG_A))))
+    res = env.process(PromptInput(token_ids=tuple(ids), media=(image(IMG_B), image(IMG_A))))
     ref = env.ref_completion(
         {
             "prompt_token_ids": list(ids),
@@ -116,7 +116,7 @@ def test_chat_messages(arch_env, arch):
         ChatMessage("system", (ChatPart(text="You are terse."),)),
         ChatMessage("user", tuple(parts)),
     )
-    res = env.processor.process(PromptInput(messages=messages))
+    res = env.process(PromptInput(messages=messages))
     ref = env.ref_chat(
         [
             {"role": "system", "content": [{"type": "text", "text": "You are terse."}]},
@@ -140,7 +140,7 @@ def test_non_contiguous_is_embed(arch_env, arch):
     ...): is_embed is True exactly on the image-patch tokens and is not all True."""
     env = arch_env(arch)
     text = f"See {env.spec.image_token} ok"
-    res = env.processor.process(PromptInput(text=text, media=(image(IMG_A),)))
+    res = env.process(PromptInput(text=text, media=(image(IMG_A),)))
     (item,) = res.prompt.items
     ph = item.placeholder
     assert ph.is_embed is not None
@@ -165,7 +165,7 @@ def test_transformers_backend_llava(arch_env):
     env = arch_env("llava", "transformers")
     tok = env.spec.image_token
     text = f"A {tok} B {tok}"
-    res = env.processor.process(PromptInput(text=text, media=(image(IMG_A), image(IMG_B))))
+    res = env.process(PromptInput(text=text, media=(image(IMG_A), image(IMG_B))))
     ref = env.ref_completion(
         {"prompt": text, "multi_modal_data": {"image": [env.ref_image(IMG_A), env.ref_image(IMG_B)]}}
     )
@@ -184,7 +184,7 @@ def test_processor_kwargs_qwen2_vl(arch_env):
     text = f"{it} and {vt}"
     media = (image(IMG_A), video(VIDEO))
     kwargs = {"max_pixels": 40000.0, "fps": 4}  # numbers arrive as floats from protobuf Struct
-    res = env.processor.process(PromptInput(text=text, media=media), kwargs)
+    res = env.process(PromptInput(text=text, media=media), kwargs)
     ref = env.ref_completion(
         {
             "prompt": text,
@@ -194,7 +194,7 @@ def test_processor_kwargs_qwen2_vl(arch_env):
         }
     )
     assert_matches_reference(res.prompt, ref)
-    plain = env.processor.process(PromptInput(text=text, media=media))
+    plain = env.process(PromptInput(text=text, media=media))
     assert [i.hash for i in plain.prompt.items] != [i.hash for i in res.prompt.items]
     assert len(plain.prompt.token_ids) != len(res.prompt.token_ids)
 
@@ -205,10 +205,10 @@ def test_processor_cache_hits_and_isolation(arch_env):
     env = arch_env("llava")
     img = image_bytes(50, 50, seed=77)
     text = f"x {env.spec.image_token}"
-    first = env.processor.process(PromptInput(text=text, media=(image(img),)))
+    first = env.process(PromptInput(text=text, media=(image(img),)))
     assert (first.metrics.cache_hits, first.metrics.cache_misses) == (0, 1)
     first.prompt.items[0].fields["pixel_values"].data.zero_()  # must not reach the cache
-    second = env.processor.process(PromptInput(text=text, media=(image(img),)))
+    second = env.process(PromptInput(text=text, media=(image(img),)))
     assert (second.metrics.cache_hits, second.metrics.cache_misses) == (1, 0)
     ref = env.ref_completion({"prompt": text, "multi_modal_data": {"image": [env.ref_image(img)]}})
     assert_matches_reference(second.prompt, ref)
