@@ -128,44 +128,6 @@ class ArchEnv:
         return process_both(self.processor, self.service, prompt, kwargs)
 
 
-def process_both(
-    processor: Processor, service: ServiceThread, prompt: PromptInput, kwargs: dict[str, Any] | None
-) -> PreprocessResult:
-    """Process in-process and over the real service; both must agree (result or status)."""
-    import grpc
-
-    from vlm.server import error_detail_from_trailers
-
-    try:
-        res = processor.process(prompt, kwargs)
-    except VlmError as e:
-        with pytest.raises(grpc.RpcError) as over_wire:
-            service.preprocess(prompt, kwargs)
-        err = over_wire.value
-        detail = error_detail_from_trailers(err.trailing_metadata())
-        assert err.code() == e.code, (err.code(), e.code, err.details())
-        assert (detail.reason, detail.field) == (e.reason, e.field or ""), err.details()
-        raise
-    assert_same_prompt(service.preprocess(prompt, kwargs), res.prompt)
-    return res
-
-
-class CheckedProcessor:
-    """A Processor whose `process` also runs over its own real service (see `process_both`)."""
-
-    def __init__(self, config: PreprocessorConfig) -> None:
-        self.processor = Processor(config)
-        self.service = ServiceThread(config)
-
-    def process(self, prompt: PromptInput, kwargs: dict[str, Any] | None = None) -> PreprocessResult:
-        return process_both(self.processor, self.service, prompt, kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.processor, name)
-
-    def close(self) -> None:
-        self.service.close()
-
     @property
     def tokenizer(self):
         return self.reference.get_tokenizer()
@@ -204,6 +166,45 @@ class CheckedProcessor:
         )
         _, prompts = self.reference.render_chat([messages], params)
         return prompts[0]
+
+
+def process_both(
+    processor: Processor, service: ServiceThread, prompt: PromptInput, kwargs: dict[str, Any] | None
+) -> PreprocessResult:
+    """Process in-process and over the real service; both must agree (result or status)."""
+    import grpc
+
+    from vlm.server import error_detail_from_trailers
+
+    try:
+        res = processor.process(prompt, kwargs)
+    except VlmError as e:
+        with pytest.raises(grpc.RpcError) as over_wire:
+            service.preprocess(prompt, kwargs)
+        err = over_wire.value
+        detail = error_detail_from_trailers(err.trailing_metadata())
+        assert err.code() == e.code, (err.code(), e.code, err.details())
+        assert (detail.reason, detail.field) == (e.reason, e.field or ""), err.details()
+        raise
+    assert_same_prompt(service.preprocess(prompt, kwargs), res.prompt)
+    return res
+
+
+class CheckedProcessor:
+    """A Processor whose `process` also runs over its own real service (see `process_both`)."""
+
+    def __init__(self, config: PreprocessorConfig) -> None:
+        self.processor = Processor(config)
+        self.service = ServiceThread(config)
+
+    def process(self, prompt: PromptInput, kwargs: dict[str, Any] | None = None) -> PreprocessResult:
+        return process_both(self.processor, self.service, prompt, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.processor, name)
+
+    def close(self) -> None:
+        self.service.close()
 
 
 def data_url(mime: str, data: bytes) -> str:

@@ -192,7 +192,9 @@ def test_bad_videos(arch_env, data):
 
 
 def test_prompt_form(llava):
-    p = llava.process
+    # Domain-level guards for shapes the wire's oneof cannot express (tested in-process; the
+    # wire's own structural checks are in tests/unit/test_convert.py).
+    p = llava.processor.process
     raises(InvalidArgument, "prompt", p, PromptInput())
     raises(InvalidArgument, "prompt", p, PromptInput(text="a", token_ids=(1, 2)))
     raises(InvalidArgument, "prompt.messages", p, PromptInput(messages=()))
