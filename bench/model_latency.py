@@ -2,7 +2,8 @@
 
 A tiny LLaVA (`vlm.testing.tiny_models`, CLIP 32 px + 2-layer Llama) on CPU, the same engine
 settings on both sides (`enforce_eager=True`, `dtype=float32`, `max_model_len=2048`, seed 0,
-`VLLM_CPU_KVCACHE_SPACE=1`; vLLM's default engine-core process), measured in one run:
+`VLLM_CPU_KVCACHE_SPACE=1`; vLLM's default multiprocess engine, or with `--quick` the in-process
+one, `VLLM_ENABLE_V1_MULTIPROCESSING=0`, which starts faster), measured in one run:
 
 * **baseline**: `vllm.v1.engine.async_llm.AsyncLLM` in-process, fed the raw image
   (`{"prompt": "USER: <image>\\n...", "multi_modal_data": {"image": pil}}`, output kind DELTA);

@@ -19,7 +19,10 @@ Measured in one process, one after another:
    `processor(images=pil, text=prompt, return_tensors="pt")` in a loop, JPEG decode included;
    in the full run it is measured before *and* after the service runs (the mean is the
    reference; the drift between the two shows how noisy the machine was);
-2. **service**: `PreprocessorApp` on loopback with `workers=1` and `workers=2`, driven by
+2. **baseline as vLLM calls it** (Qwen2-VL): the same call plus `do_rescale=False,
+   do_normalize=False`, which vLLM 0.32 adds (it normalises Qwen2-VL pixels on the device, so
+   its processor returns uint8 and does less CPU work); the service is also compared to it;
+3. **service**: `PreprocessorApp` on loopback with `workers=1` and `workers=2`, driven by
    `PreprocessorClient.preprocess` with 2×workers requests in flight, one distinct JPEG per
    request (a pool cycled once exhausted; `cache_bytes=0`, so no processor-cache hits).
 

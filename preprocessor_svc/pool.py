@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import dataclasses
 import logging
 import multiprocessing
@@ -138,6 +139,9 @@ def _rebuild_error(payload: tuple[str, str, str | None]) -> VlmError:
 def _worker_main(config: PreprocessorConfig, conn: Any, index: int) -> None:
     """Entry point of a worker process (spawned)."""
     try:
+        # Workers are the unit of parallelism: split the cores between them instead of letting
+        # each worker's torch use all of them (N workers x all-core thread pools oversubscribe).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, config.workers)))
         processor = Processor(config, worker=index)
         if config.warmup:
             processor.warmup()
