@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from typing import Any
 
 
-from vlm.types import Prompt, Sampling
+from vlm.types import OPTIONAL_SAMPLING_FIELDS, Prompt, Sampling
 from vlm.vllm_mm import placeholder_range, vllm_field
 
 from .validation import translate_sampling_error
@@ -84,20 +84,7 @@ class PromptToEngineInput:
 class SamplingToParams:
     """`vlm.types.Sampling` → vLLM `SamplingParams` (DELTA output, n=1)."""
 
-    _PASSTHROUGH = (
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "seed",
-        "max_tokens",
-        "min_tokens",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-        "logprobs",
-        "skip_special_tokens",
-    )
+    _PASSTHROUGH = OPTIONAL_SAMPLING_FIELDS
 
     def __init__(self, defaults: Mapping[str, Any] | None = None) -> None:
         # e.g. model_config.get_diff_sampling_param(): the generation config's defaults.

@@ -257,20 +257,7 @@ def prompt_from_pb(
 
 # ---------------------------------------------------------------------------------- sampling
 
-_OPTIONAL_SAMPLING = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "max_tokens",
-    "min_tokens",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "logprobs",
-    "skip_special_tokens",
-)
+_OPTIONAL_SAMPLING = types.OPTIONAL_SAMPLING_FIELDS
 
 
 def sampling_from_pb(msg: gen_pb.SamplingParams) -> types.Sampling:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -174,6 +174,12 @@ class Sampling:
     frequency_penalty: float | None = None
     logprobs: int | None = None
     skip_special_tokens: bool | None = None
+
+
+#: Sampling fields where None means "vLLM's default" (the rest always have a value).
+OPTIONAL_SAMPLING_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in fields(Sampling) if f.default is None
+)
 
 
 @dataclass(frozen=True)
