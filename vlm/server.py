@@ -17,14 +17,14 @@ import contextvars
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, Counter, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start_http_server
 
 from vlm import __version__
 from vlm.common.v1 import generation_pb2
@@ -126,19 +126,12 @@ class BaseMetrics:
             ["method", "code"],
             registry=self.registry,
         )
-        self.grpc_request_duration = _histogram(
-            self.registry,
+        self.grpc_request_duration = Histogram(
             f"{METRICS_PREFIX}_grpc_request_duration_seconds",
-            "Wall time of gRPC requests, by method.",
+            "Wall time of gRPC requests (streams: until the last message), by method.",
             ["method"],
+            registry=self.registry,
         )
-
-
-def _histogram(registry: CollectorRegistry, name: str, doc: str, labels: Sequence[str] = (), buckets=None):
-    from prometheus_client import Histogram
-
-    kwargs = {"buckets": buckets} if buckets else {}
-    return Histogram(name, doc, list(labels), registry=registry, **kwargs)
 
 
 def _library_versions() -> dict[str, str]:

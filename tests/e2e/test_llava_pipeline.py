@@ -162,3 +162,18 @@ async def test_cancel_mid_stream_aborts_in_engine(llava_pipeline) -> None:
                 break
             await asyncio.sleep(0.1)
         assert (load.running, load.waiting) == (0, 0)
+
+
+async def test_model_info_agrees_between_services(llava_pipeline) -> None:
+    async with llava_pipeline.pre_client() as pre, llava_pipeline.model_client() as model:
+        pre_info, model_info = await pre.model_info(), await model.model_info()
+        load = await model.load()
+    assert pre_info.fingerprint == model_info.fingerprint
+    assert model_info.fingerprint.model_impl == "auto" and len(model_info.fingerprint.config_hash) == 64
+    assert model_info.max_model_len == 1024 and model_info.vocab_size > 480
+    assert model_info.eos_token_ids
+    (image,) = [m for m in model_info.modalities if m.modality is IMAGE]
+    assert image.placeholder_token_ids == (480,) and image.placeholder_text == "<image>"
+    assert image.max_items_per_prompt >= 1
+    assert 0.0 <= load.kv_cache_usage <= 1.0 and load.running == 0
+    assert load.feature_store_items >= 1 and load.feature_store_bytes > 0
