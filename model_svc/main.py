@@ -13,7 +13,7 @@ import asyncio
 import sys
 
 from model_svc.metrics import ModelMetrics
-from vlm.server import ServerOptions, configure_logging
+from vlm.server import ServerOptions, add_server_args, configure_logging
 
 
 def build_parser():
@@ -21,13 +21,7 @@ def build_parser():
 
     parser = add_engine_cli_args()
     parser.prog = "vlm serve-model"
-    group = parser.add_argument_group("gRPC server")
-    group.add_argument("--host", default="127.0.0.1")
-    group.add_argument("--port", type=int, default=50052)
-    group.add_argument("--metrics-host", default="127.0.0.1")
-    group.add_argument("--metrics-port", type=int, default=9102, help="-1 disables /metrics")
-    group.add_argument("--max-message-bytes", type=int, default=256 << 20)
-    group.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds")
+    add_server_args(parser, port=50052, metrics_port=9102)
     return parser
 
 
@@ -35,14 +29,7 @@ async def serve(args) -> None:
     from model_svc.app import ModelApp
     from model_svc.engine import EngineConfig
 
-    options = ServerOptions(
-        host=args.host,
-        port=args.port,
-        metrics_host=args.metrics_host,
-        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        max_message_bytes=args.max_message_bytes,
-        grace_s=args.grace,
-    )
+    options = ServerOptions.from_args(args)
     app = await ModelApp.start(EngineConfig.from_cli_args(args), options, ModelMetrics())
     try:
         await app.grpc.serve_until_signal()

@@ -20,7 +20,7 @@ import sys
 from preprocessor_svc.media import MediaLimits
 from preprocessor_svc.metrics import PreprocessorMetrics
 from preprocessor_svc.processing import MODEL_IMPLS, PreprocessorConfig
-from vlm.server import ServerOptions, configure_logging
+from vlm.server import ServerOptions, add_server_args, configure_logging
 
 log = logging.getLogger("preprocessor_svc")
 
@@ -34,10 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None)
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--dtype", default="auto", help="must resolve to the model service's dtype")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--metrics-host", default="127.0.0.1")
-    p.add_argument("--metrics-port", type=int, default=9101, help="-1 disables /metrics")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="preprocessing worker processes (0 = in-process thread)")
     p.add_argument("--max-queue", type=int, default=64,
@@ -56,9 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds one prompt may take in a worker")
     p.add_argument("--model-target", default=None,
                    help="model service HOST:PORT that Generate forwards to")
-    p.add_argument("--max-message-bytes", type=int, default=256 << 20)
-    p.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds")
     p.add_argument("--log-level", default="INFO")
+    add_server_args(p, port=50051, metrics_port=9101)
     return p
 
 
@@ -88,14 +83,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessorConfig:
 async def serve(args: argparse.Namespace) -> None:
     from preprocessor_svc.app import PreprocessorApp
 
-    options = ServerOptions(
-        host=args.host,
-        port=args.port,
-        metrics_host=args.metrics_host,
-        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        max_message_bytes=args.max_message_bytes,
-        grace_s=args.grace,
-    )
+    options = ServerOptions.from_args(args)
     app = await PreprocessorApp.start(
         config_from_args(args), options, PreprocessorMetrics(), model_target=args.model_target
     )

@@ -81,6 +81,18 @@ class ServerOptions:
     max_concurrent_streams: int = 1024
     grace_s: float = 10.0
 
+    @classmethod
+    def from_args(cls, args: Any) -> ServerOptions:
+        """From the flags added by `add_server_args`."""
+        return cls(
+            host=args.host,
+            port=args.port,
+            metrics_host=args.metrics_host,
+            metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+            max_message_bytes=args.max_message_bytes,
+            grace_s=args.grace,
+        )
+
     def grpc_options(self) -> list[tuple[str, Any]]:
         return [
             ("grpc.max_send_message_length", self.max_message_bytes),
@@ -93,6 +105,17 @@ class ServerOptions:
             ("grpc.max_concurrent_streams", self.max_concurrent_streams),
             ("grpc.so_reuseport", 0),
         ]
+
+
+def add_server_args(parser: Any, *, port: int, metrics_port: int) -> None:
+    """The gRPC server flags both `vlm serve-*` commands take (see `ServerOptions.from_args`)."""
+    group = parser.add_argument_group("gRPC server")
+    group.add_argument("--host", default="127.0.0.1")
+    group.add_argument("--port", type=int, default=port)
+    group.add_argument("--metrics-host", default="127.0.0.1")
+    group.add_argument("--metrics-port", type=int, default=metrics_port, help="-1 disables /metrics")
+    group.add_argument("--max-message-bytes", type=int, default=256 << 20)
+    group.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds")
 
 
 def channel_options(max_message_bytes: int = 256 * 1024 * 1024) -> list[tuple[str, Any]]:
