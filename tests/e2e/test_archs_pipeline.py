@@ -32,7 +32,6 @@ Architecture-specific facts the reference encodes (checked, see each adapter):
 from __future__ import annotations
 
 import asyncio
-import copy
 import io
 import json
 import os
@@ -48,7 +47,7 @@ import torch
 from PIL import Image
 
 from tests.e2e.conftest import Pipeline, png, start_pipeline
-from tests.service.model_core.hf_reference import load_hf_model
+from tests.service.model_core.hf_reference import hf_generate
 from vlm import types
 from vlm.errors import UpstreamError
 from vlm.testing.tiny_models import SPECS, build_tiny_model, warm_vllm_model_info_cache
@@ -205,17 +204,7 @@ def hf_inputs(arch: str, model_dir: Path, prompt: types.Prompt) -> dict[str, tor
 
 
 def _hf_generate(model_dir: Path, inputs: Mapping[str, torch.Tensor]) -> list[int]:
-    model = load_hf_model(str(model_dir))
-    gc = copy.deepcopy(model.generation_config)
-    gc.eos_token_id = None
-    gc.do_sample = False
-    gc.max_new_tokens = N_TOKENS
-    gc.min_new_tokens = None
-    if gc.pad_token_id is None:
-        gc.pad_token_id = 0
-    with torch.no_grad():
-        out = model.generate(**inputs, generation_config=gc)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return hf_generate(str(model_dir), inputs, N_TOKENS)
 
 
 def _perturbed(prompt: types.Prompt, index: int) -> types.Prompt:

@@ -8,6 +8,7 @@ the one tensor), which is also what HF's processor returns for the models tested
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from functools import lru_cache
 
 import torch
@@ -46,6 +47,11 @@ def load_hf_model(model_dir: str):
 
 def hf_greedy(model_dir: str, prompt: Prompt, max_new_tokens: int) -> list[int]:
     """Greedy tokens, EOS ignored (generation runs for exactly max_new_tokens)."""
+    return hf_generate(model_dir, hf_model_inputs(prompt), max_new_tokens)
+
+
+def hf_generate(model_dir: str, inputs: Mapping[str, torch.Tensor], max_new_tokens: int) -> list[int]:
+    """HF greedy generation of exactly `max_new_tokens` (EOS ignored) from model inputs."""
     model = load_hf_model(model_dir)
     gc = copy.deepcopy(model.generation_config)
     gc.eos_token_id = None
@@ -54,7 +60,6 @@ def hf_greedy(model_dir: str, prompt: Prompt, max_new_tokens: int) -> list[int]:
     gc.min_new_tokens = None
     if gc.pad_token_id is None:
         gc.pad_token_id = 0
-    inputs = hf_model_inputs(prompt)
     with torch.no_grad():
         out = model.generate(**inputs, generation_config=gc)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
@@ -69,7 +74,6 @@ def hf_greedy_from_media(
     """
     from transformers import AutoProcessor
 
-    model = load_hf_model(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
     kwargs = {}
     if images:
@@ -78,14 +82,4 @@ def hf_greedy_from_media(
         kwargs["videos"] = videos
     inputs = processor(text=[text], return_tensors="pt", add_special_tokens=False, **kwargs)
     inputs = {k: v for k, v in inputs.items() if k != "token_type_ids"}
-    gc = copy.deepcopy(model.generation_config)
-    gc.eos_token_id = None
-    gc.do_sample = False
-    gc.max_new_tokens = max_new_tokens
-    gc.min_new_tokens = None
-    if gc.pad_token_id is None:
-        gc.pad_token_id = 0
-    with torch.no_grad():
-        out = model.generate(**inputs, generation_config=gc)
-    n = inputs["input_ids"].shape[1]
-    return inputs["input_ids"][0].tolist(), out[0, n:].tolist()
+    return inputs["input_ids"][0].tolist(), hf_generate(model_dir, inputs, max_new_tokens)
