@@ -1,29 +1,33 @@
-"""Model service pair vs. in-process AsyncLLM: startup, TTFT, decode speed and memory.
+"""Serving path, as users run it: the gRPC pair vs. vLLM's OpenAI server vs. in-process AsyncLLM.
 
-A tiny LLaVA (`vlm.testing.tiny_models`, CLIP 32 px + 2-layer Llama) on CPU, the same engine
-settings on both sides (`enforce_eager=True`, `dtype=float32`, `max_model_len=2048`, seed 0,
-`VLLM_CPU_KVCACHE_SPACE=1`; vLLM's default multiprocess engine, or with `--quick` the in-process
-one, `VLLM_ENABLE_V1_MULTIPROCESSING=0`, which starts faster), measured in one run:
+One run starts every system as real OS processes on 127.0.0.1, one system after the other (so
+that each startup is timed alone), then measures them in alternating rounds (round 1: every
+system at N=1, then every system at N=4; round 2: the same; ...), because the machine is noisy:
 
-* **baseline**: `vllm.v1.engine.async_llm.AsyncLLM` in-process, fed the raw image
-  (`{"prompt": "USER: <image>\\n...", "multi_modal_data": {"image": pil}}`, output kind DELTA);
-  the JPEG decode is inside the timed request, as the pair's preprocessor decodes too;
-* **pair**: `ModelApp` + `PreprocessorApp` (1 worker) on loopback, the client calling
-  `PreprocessorClient.generate` (preprocessor → model service → engine, tokens streamed back
-  through both gRPC hops). Everything but the engine core and the preprocessor worker runs on
-  one event loop in one process, as in `tests/e2e/conftest.py`.
+* **inproc**: `AsyncLLM` in a child process (`bench.model_inproc`), fed the raw image
+  (`{"prompt": "USER: <image>...", "multi_modal_data": {"image": pil}}`), DELTA outputs; the
+  client is in that process. The limit.
+* **vllm_serve**: `python -m vllm.entrypoints.openai.api_server`, driven with the `openai` SDK
+  (`stream=True`, chat messages, the image as a `data:image/jpeg;base64,...` URL). What users
+  run instead.
+* **pair**: `python -m model_svc.main` and `python -m preprocessor_svc.main --workers 1`,
+  started at the same time (as compose does), driven with `PreprocessorClient.generate`.
+* **model_direct**: the pair's model service alone: every benchmark image is preprocessed once
+  by the pair's preprocessor beforehand, and the resulting `Prompt`s go straight to
+  `ModelClient.generate(..., hash_only=False)`.
+* **vllm_grpc** (when `smg-grpc-servicer` and `smg-grpc-proto` are importable):
+  `python -m vllm.entrypoints.launchers.grpc_server`, fed the same preprocessed prompts as
+  token IDs + `MultimodalInputs` (`bench.vllm_grpc_client`).
 
-Each side runs in its own child process (`python -m bench.model_latency --side baseline|pair`),
-one after the other, so that memory is attributable: the driver samples the RSS (and PSS) of
-the child's whole process tree (parent + vLLM engine core + preprocessor forkserver/worker).
+The clients of vllm_serve, pair, model_direct and vllm_grpc run in this (the driver) process.
+Engine settings are the same everywhere: tiny LLaVA, `enforce_eager`, float32,
+`max_model_len=2048`, seed 0, `VLLM_CPU_KVCACHE_SPACE=1`, vLLM's default multiprocess engine.
+Requests: greedy, `ignore_eos`, 32 tokens, one distinct 1024×768 JPEG each (the same images, in
+the same order, for inproc / vllm_serve / pair; another set, shared by model_direct and
+vllm_grpc, because model_direct runs on the pair's engine and a repeated image would hit its
+prefix cache).
 
-Per side: import time, startup to ready (AsyncLLM constructed / both services SERVING), first
-request after startup, then for N concurrent requests (N = 1 and 4; greedy, ignore_eos, 64
-tokens, one distinct 1024×768 JPEG per request): TTFT p50/p95, time per output token, decode
-tokens/s (aggregate over the N streams), output tokens/s (tokens / wall time), and peak memory.
-
-    python -m bench.model_latency [--quick] [--out DIR]          # driver: both sides + report
-    python -m bench.model_latency --side baseline|pair --model-dir D --images D --json F
+    python -m bench.model_latency [--quick] [--rounds N] [--out DIR] [--systems a,b] [--py-spy S]
 """
 
 from __future__ import annotations
@@ -31,31 +35,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import itertools
-import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
     DEFAULT_OUT,
-    TreeMemorySampler,
     fmt,
-    fmt_ratio,
     latency_summary,
     log,
     machine_info,
     md_table,
-    ratio,
+    percentile,
     synthetic_jpegs,
     tree_memory,
     write_results,
@@ -63,236 +60,28 @@ from bench.common import (
 
 NAME = "model_latency"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROMPT = "USER: <image>\nWhat is in this picture? Describe it. ASSISTANT:"
 MAX_MODEL_LEN = 2048
+ALL_SYSTEMS = ("inproc", "vllm_serve", "pair", "model_direct", "vllm_grpc")
 
 
 @dataclass(frozen=True)
 class Settings:
     concurrency: tuple[int, ...]
-    #: Rounds of N simultaneous requests per concurrency level.
+    #: Alternating rounds: in each, every system runs one round per concurrency level.
     rounds: int
     max_tokens: int
-    #: Sequential warm-up requests (then one round at the highest concurrency).
+    #: Sequential warm-up requests per system (then one round at the highest concurrency).
     warmup: int
-    #: Per-side limit (the child is killed after it).
-    side_timeout_s: float
-    #: vLLM's engine-core process layout (VLLM_ENABLE_V1_MULTIPROCESSING, unless set in the
-    #: environment): the default multiprocess engine (engine core + worker processes, as
-    #: deployed) or, for smoke tests, the in-process one, which starts about 20 s faster.
-    engine_multiprocessing: bool = True
+    #: Limit per system to reach ready.
+    start_timeout_s: float
     image_size: tuple[int, int] = (1024, 768)
 
-    def images_needed(self) -> int:
-        return 1 + self.warmup + max(self.concurrency) + self.rounds * sum(self.concurrency)
+    def images_per_set(self) -> int:
+        return self.warmup + max(self.concurrency) + self.rounds * sum(self.concurrency)
 
 
-QUICK = Settings(
-    concurrency=(1, 4), rounds=2, max_tokens=64, warmup=1, side_timeout_s=300, engine_multiprocessing=False
-)
-FULL = Settings(concurrency=(1, 4), rounds=10, max_tokens=64, warmup=2, side_timeout_s=480)
-
-
-def engine_kwargs(model_dir: str) -> dict[str, Any]:
-    """Identical on both sides (the KV cache size comes from VLLM_CPU_KVCACHE_SPACE)."""
-    return dict(model=model_dir, max_model_len=MAX_MODEL_LEN, enforce_eager=True, dtype="float32", seed=0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Child side: measurement
-# ---------------------------------------------------------------------------------------------
-
-#: A request function: image index → timings of one streamed generation.
-RequestFn = Callable[[int], Awaitable[dict[str, Any]]]
-
-
-def _timing(start: float, first: float | None, end: float, n: int, prompt_tokens: int | None) -> dict[str, Any]:
-    return {"start": start, "first": first, "end": end, "tokens": n, "prompt_tokens": prompt_tokens}
-
-
-def _summarize(rounds: list[tuple[float, list[dict[str, Any]]]]) -> dict[str, Any]:
-    reqs = [r for _, rs in rounds for r in rs]
-    ttft = [r["first"] - r["start"] for r in reqs if r["first"] is not None]
-    tpot = [(r["end"] - r["first"]) / (r["tokens"] - 1) for r in reqs if r["first"] and r["tokens"] > 1]
-    e2e = [r["end"] - r["start"] for r in reqs]
-    decode, output = [], []
-    for wall, rs in rounds:
-        firsts = [r["first"] for r in rs if r["first"] is not None]
-        span = max(r["end"] for r in rs) - min(firsts) if firsts else 0.0
-        if span > 0:
-            decode.append(sum(max(r["tokens"] - 1, 0) for r in rs) / span)
-        output.append(sum(r["tokens"] for r in rs) / wall)
-    return {
-        "requests": len(reqs),
-        "rounds": len(rounds),
-        "ttft": latency_summary(ttft),
-        "tpot": latency_summary(tpot),
-        "e2e": latency_summary(e2e),
-        # Aggregate over the N streams: tokens after each stream's first / (last end - first first).
-        "decode_tok_s": statistics.median(decode) if decode else None,
-        "output_tok_s": statistics.median(output) if output else None,
-        # Per round, to judge the noise (the table shows min-max next to the median).
-        "decode_tok_s_rounds": decode,
-        "output_tok_s_rounds": output,
-        "tokens_per_request": sorted({r["tokens"] for r in reqs}),
-        "prompt_tokens": sorted({r["prompt_tokens"] for r in reqs if r["prompt_tokens"] is not None}),
-    }
-
-
-async def _measure(request: RequestFn, s: Settings) -> dict[str, Any]:
-    idx = itertools.count()
-    t = time.perf_counter()
-    await request(next(idx))
-    first_request_s = time.perf_counter() - t
-    for _ in range(s.warmup):
-        await request(next(idx))
-    await asyncio.gather(*(request(next(idx)) for _ in range(max(s.concurrency))))
-    levels = {}
-    for c in s.concurrency:
-        rounds = []
-        for _ in range(s.rounds):
-            t0 = time.perf_counter()
-            reqs = await asyncio.gather(*(request(next(idx)) for _ in range(c)))
-            rounds.append((time.perf_counter() - t0, list(reqs)))
-        levels[str(c)] = _summarize(rounds)
-        log(f"  N={c}: TTFT p50 {levels[str(c)]['ttft']['p50_ms']:.0f} ms, "
-            f"decode {levels[str(c)]['decode_tok_s'] or 0:.0f} tok/s")
-    return {"first_request_s": first_request_s, "concurrency": levels}
-
-
-def _load_images(folder: Path) -> list[bytes]:
-    return [p.read_bytes() for p in sorted(folder.glob("*.jpg"))]
-
-
-async def side_baseline(model_dir: str, jpegs: list[bytes], s: Settings) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    import io
-
-    from PIL import Image
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.sampling_params import RequestOutputKind, SamplingParams
-    from vllm.v1.engine.async_llm import AsyncLLM
-
-    from vlm.testing.tiny_models import warm_vllm_model_info_cache
-
-    import_s = time.perf_counter() - t0
-    warm_vllm_model_info_cache(model_dir)  # once per architecture; kept out of the timings
-
-    t0 = time.perf_counter()
-    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model_dir)))
-    ready_s = time.perf_counter() - t0
-    mem_ready = tree_memory()
-    log(f"baseline: AsyncLLM ready in {ready_s:.1f}s")
-
-    async def request(i: int) -> dict[str, Any]:
-        start = time.perf_counter()
-        with Image.open(io.BytesIO(jpegs[i % len(jpegs)])) as im:
-            image = im.convert("RGB")
-        params = SamplingParams(
-            max_tokens=s.max_tokens, temperature=0.0, ignore_eos=True, output_kind=RequestOutputKind.DELTA
-        )
-        first, n, ptoks = None, 0, None
-        prompt = {"prompt": PROMPT, "multi_modal_data": {"image": image}}
-        async for out in llm.generate(prompt, params, f"bench-{uuid.uuid4().hex}"):
-            k = len(out.outputs[0].token_ids) if out.outputs else 0
-            if k and first is None:
-                first = time.perf_counter()
-            n += k
-            if ptoks is None and out.prompt_token_ids is not None:
-                ptoks = len(out.prompt_token_ids)
-        return _timing(start, first, time.perf_counter(), n, ptoks)
-
-    try:
-        result = await _measure(request, s)
-        mem_end = tree_memory()
-    finally:
-        llm.shutdown()
-        # Collect vLLM's client now: its __del__ at interpreter exit would shut down again
-        # when the modules it needs are gone (as model_svc.engine does).
-        del llm
-    return {
-        "import_s": import_s,
-        "ready_s": ready_s,
-        "startup": {"engine_s": ready_s},
-        "memory_at_ready": mem_ready,
-        "memory_at_end": mem_end,
-        **result,
-    }
-
-
-async def side_pair(model_dir: str, jpegs: list[bytes], s: Settings) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    from model_svc.app import ModelApp
-    from model_svc.engine import EngineConfig
-    from preprocessor_svc.app import PreprocessorApp
-    from preprocessor_svc.processing import PreprocessorConfig
-    from vlm.client import PreprocessorClient, check_health
-    from vlm.server import ServerOptions
-    from vlm.testing.tiny_models import warm_vllm_model_info_cache
-    from vlm.types import Media, Modality, PromptInput, Sampling
-
-    import_s = time.perf_counter() - t0
-    warm_vllm_model_info_cache(model_dir)
-
-    options = ServerOptions(metrics_port=None, grace_s=0.5)
-    # `vlm serve-model`'s default: no engine-side processor cache (features arrive processed).
-    args = AsyncEngineArgs(**engine_kwargs(model_dir), mm_processor_cache_gb=0)
-    t0 = time.perf_counter()
-    model = await ModelApp.start(EngineConfig(engine_args=args), options)
-    model_s = time.perf_counter() - t0
-    log(f"pair: model service SERVING in {model_s:.1f}s")
-    pre = None
-    try:
-        t0 = time.perf_counter()
-        pre = await PreprocessorApp.start(
-            PreprocessorConfig(model=model_dir, workers=1, max_model_len=MAX_MODEL_LEN, dtype="float32"),
-            options,
-            model_target=f"127.0.0.1:{model.grpc.port}",
-        )
-        pre_s = time.perf_counter() - t0
-        log(f"pair: preprocessor SERVING in {pre_s:.1f}s")
-        health = {
-            "model": await check_health(f"127.0.0.1:{model.grpc.port}"),
-            "preprocessor": await check_health(f"127.0.0.1:{pre.grpc.port}"),
-        }
-        mem_ready = tree_memory()
-        sampling = Sampling(temperature=0.0, max_tokens=s.max_tokens, ignore_eos=True)
-        async with PreprocessorClient(f"127.0.0.1:{pre.grpc.port}") as client:
-
-            async def request(i: int) -> dict[str, Any]:
-                media = Media(Modality.IMAGE, jpegs[i % len(jpegs)], "image/jpeg")
-                start = time.perf_counter()
-                first, n, ptoks = None, 0, None
-                async for chunk in client.generate(PromptInput(text=PROMPT, media=(media,)), sampling):
-                    if chunk.token_ids and first is None:
-                        first = time.perf_counter()
-                    n += len(chunk.token_ids)
-                    if chunk.usage is not None:
-                        ptoks = chunk.usage.prompt_tokens
-                return _timing(start, first, time.perf_counter(), n, ptoks)
-
-            result = await _measure(request, s)
-        mem_end = tree_memory()
-    finally:
-        if pre is not None:
-            await pre.close()
-        await model.close()
-    return {
-        "import_s": import_s,
-        "ready_s": model_s + pre_s,
-        "startup": {
-            "model_serving_s": model_s,
-            "preprocessor_serving_s": pre_s,
-            "model_engine_breakdown_s": dict(model.engine.startup_seconds),
-            "preprocessor_worker_build_s": list(pre.preprocessor.build_seconds),
-        },
-        "health": health,
-        "memory_at_ready": mem_ready,
-        "memory_at_end": mem_end,
-        **result,
-    }
+QUICK = Settings(concurrency=(1, 4), rounds=3, max_tokens=32, warmup=1, start_timeout_s=240)
+FULL = Settings(concurrency=(1, 4), rounds=10, max_tokens=32, warmup=2, start_timeout_s=300)
 
 
 def settings(quick: bool, rounds: int | None = None) -> Settings:
@@ -300,146 +89,313 @@ def settings(quick: bool, rounds: int | None = None) -> Settings:
     return s if rounds is None else dataclasses.replace(s, rounds=rounds)
 
 
-def child_main(args: argparse.Namespace) -> int:
-    s = settings(args.quick, args.rounds)
-    jpegs = _load_images(args.images)
-    fn = side_baseline if args.side == "baseline" else side_pair
-    t0 = time.perf_counter()
-    out = asyncio.run(fn(str(args.model_dir), jpegs, s))
-    out["side"] = args.side
-    out["side_total_s"] = time.perf_counter() - t0
-    try:
-        import torch
-
-        out["torch_threads"] = torch.get_num_threads()
-    except Exception:  # noqa: BLE001
-        pass
-    args.json.write_text(json.dumps(out, indent=2, default=str))
-    return 0
+def engine_kwargs() -> dict[str, Any]:
+    """The same for every system (the KV cache size comes from VLLM_CPU_KVCACHE_SPACE)."""
+    return dict(max_model_len=MAX_MODEL_LEN, enforce_eager=True, dtype="float32", seed=0)
 
 
 # ---------------------------------------------------------------------------------------------
-# Driver
+# Plan and statistics
 # ---------------------------------------------------------------------------------------------
 
 
-def _tail(path: Path, n: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
+def image_plan(s: Settings, offset: int) -> dict[str, Any]:
+    """Image indices for one set: warm-up, then per (round, concurrency) a fresh slice."""
+    it = iter(range(offset, offset + s.images_per_set()))
+    plan = {
+        "warmup_seq": [next(it) for _ in range(s.warmup)],
+        "warmup_round": [next(it) for _ in range(max(s.concurrency))],
+        "rounds": {},
+    }
+    for r in range(s.rounds):
+        for c in s.concurrency:
+            plan["rounds"][(r, c)] = [next(it) for _ in range(c)]
+    return plan
 
 
-def _run_side(
-    side: str, model_dir: Path, images: Path, tmp: Path, out_dir: Path, quick: bool, rounds: int | None
-) -> dict[str, Any]:
-    s = settings(quick, rounds)
-    json_path = tmp / f"{side}.json"
-    log_path = out_dir / f"{NAME}.{side}.log"
-    cmd = [
-        sys.executable, "-m", "bench.model_latency", "--side", side, "--model-dir", str(model_dir),
-        "--images", str(images), "--json", str(json_path), *(["--quick"] if quick else []),
-        *(["--rounds", str(rounds)] if rounds is not None else []),
-    ]
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if s.engine_multiprocessing else "0")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    log(f"model: starting side {side!r} (log: {log_path})")
-    t0 = time.perf_counter()
-    with open(log_path, "w") as logf:
-        proc = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        sampler = TreeMemorySampler(proc.pid, interval_s=0.25, pss_every=8).start()
-        timed_out = False
-        try:
-            rc = proc.wait(timeout=s.side_timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)  # our child's own session only
-            rc = proc.wait()
-        finally:
-            peak = sampler.stop()
-    wall = time.perf_counter() - t0
-    if not json_path.exists():
-        raise RuntimeError(
-            f"side {side!r} failed (exit {rc}{', timed out' if timed_out else ''}); last lines of "
-            f"{log_path}:\n{_tail(log_path)}"
-        )
-    data = json.loads(json_path.read_text())
-    data.update(process_tree_peak=peak, wall_s=wall, exit_code=rc, timed_out=timed_out)
-    return data
+def round_record(r: int, c: int, wall: float, reqs: list[dict[str, Any]]) -> dict[str, Any]:
+    ttft = [q["first"] - q["start"] for q in reqs if q["first"] is not None]
+    tokens = sum(q["tokens"] for q in reqs)
+    return {
+        "round": r, "concurrency": c, "wall_s": wall,
+        "output_tok_s": tokens / wall if wall > 0 else None,
+        "ttft_p50_ms": percentile(ttft, 50) * 1000 if ttft else None,
+        "requests": [{
+            "ttft_ms": (q["first"] - q["start"]) * 1000 if q["first"] is not None else None,
+            "e2e_ms": (q["end"] - q["start"]) * 1000,
+            "tpot_ms": ((q["end"] - q["first"]) / (q["tokens"] - 1) * 1000
+                        if q["first"] is not None and q["tokens"] > 1 else None),
+            "tokens": q["tokens"], "prompt_tokens": q["prompt_tokens"],
+        } for q in reqs],
+    }
 
 
-def _c(side: dict[str, Any], c: int, key: str, sub: str | None = None) -> float | None:
-    level = side["concurrency"].get(str(c))
-    if level is None:
+def _spread(xs: list[float]) -> dict[str, float | None]:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return {"best": None, "min": None, "max": None, "median": None}
+    return {"min": min(xs), "max": max(xs), "median": statistics.median(xs)}
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    reqs = [q for r in rounds for q in r["requests"]]
+    tok = _spread([r["output_tok_s"] for r in rounds])
+    tok["best"] = tok["max"]
+    ttft_rounds = _spread([r["ttft_p50_ms"] for r in rounds])
+    ttft_rounds["best"] = ttft_rounds["min"]
+    return {
+        "rounds": len(rounds),
+        "requests": len(reqs),
+        "output_tok_s": tok,  # per round: Σ tokens / round wall time
+        "output_tok_s_rounds": [r["output_tok_s"] for r in rounds],
+        "ttft": latency_summary([q["ttft_ms"] / 1000 for q in reqs if q["ttft_ms"] is not None]),
+        "ttft_p50_ms_rounds": ttft_rounds,  # per-round medians: best = lowest
+        "tpot": latency_summary([q["tpot_ms"] / 1000 for q in reqs if q["tpot_ms"] is not None]),
+        "e2e": latency_summary([q["e2e_ms"] / 1000 for q in reqs]),
+        "tokens_per_request": sorted({q["tokens"] for q in reqs}),
+        "prompt_tokens": sorted({q["prompt_tokens"] for q in reqs if q["prompt_tokens"] is not None}),
+    }
+
+
+def paired_ratio(data: dict[str, Any], a: str, b: str, c: int, key: str) -> dict[str, Any] | None:
+    """a / b for one figure: of the pooled figures, and per round (a and b measured back to back)."""
+    sa, sb = data["systems"].get(a), data["systems"].get(b)
+    if not sa or not sb or "levels" not in sa or "levels" not in sb:
         return None
-    v = level[key]
-    return v[sub] if sub else v
+    la, lb = sa["levels"].get(str(c)), sb["levels"].get(str(c))
+    if not la or not lb:
+        return None
+    if key == "output_tok_s":
+        va, vb = la["output_tok_s"]["best"], lb["output_tok_s"]["best"]
+        ra, rb = la["output_tok_s_rounds"], lb["output_tok_s_rounds"]
+        basis = "best round / best round"
+    else:  # ttft_p50
+        va, vb = la["ttft"]["p50_ms"], lb["ttft"]["p50_ms"]
+        ra = [r["ttft_p50_ms"] for r in sa["rounds"] if r["concurrency"] == c]
+        rb = [r["ttft_p50_ms"] for r in sb["rounds"] if r["concurrency"] == c]
+        basis = "p50 over all requests"
+    per_round = [x / y for x, y in zip(ra, rb) if x is not None and y]
+    return {
+        "a": a, "b": b, "concurrency": c, "figure": key, "basis": basis,
+        "ratio": va / vb if va is not None and vb else None,
+        "per_round": per_round,
+        "per_round_median": statistics.median(per_round) if per_round else None,
+        "per_round_min": min(per_round) if per_round else None,
+        "per_round_max": max(per_round) if per_round else None,
+    }
 
 
-def render_markdown(data: dict[str, Any]) -> str:
-    b, p, s = data["baseline"], data["pair"], data["settings"]
-    rows: list[list[str]] = []
-
-    def row(label: str, bv: float | None, pv: float | None, digits: int = 1, better: str = "",
-            spread: tuple[list[float], list[float]] | None = None) -> None:
-        cells = [fmt(bv, digits), fmt(pv, digits)]
-        if spread is not None:  # append "(min–max over rounds)" when there are several rounds
-            cells = [c + (f" ({min(xs):.0f}–{max(xs):.0f})" if len(xs) > 1 else "")
-                     for c, xs in zip(cells, spread)]
-        rows.append([label, *cells, fmt_ratio(ratio(pv, bv)), better])
-
-    row("import (s)", b["import_s"], p["import_s"], better="lower")
-    row("startup to ready (s): engine ready / both SERVING", b["ready_s"], p["ready_s"], better="lower")
-    row("first request after startup (s)", b["first_request_s"], p["first_request_s"], 2, "lower")
-    for c in s["concurrency"]:
-        row(f"TTFT p50 @ N={c} (ms)", _c(b, c, "ttft", "p50_ms"), _c(p, c, "ttft", "p50_ms"), better="lower")
-        row(f"TTFT p95 @ N={c} (ms)", _c(b, c, "ttft", "p95_ms"), _c(p, c, "ttft", "p95_ms"), better="lower")
-        row(f"time per output token p50 @ N={c} (ms)", _c(b, c, "tpot", "p50_ms"), _c(p, c, "tpot", "p50_ms"), 2, "lower")
-        row(f"decode tok/s @ N={c} (all streams)", _c(b, c, "decode_tok_s"), _c(p, c, "decode_tok_s"),
-            better="higher", spread=(_c(b, c, "decode_tok_s_rounds"), _c(p, c, "decode_tok_s_rounds")))
-        row(f"output tok/s @ N={c} (tokens / wall)", _c(b, c, "output_tok_s"), _c(p, c, "output_tok_s"),
-            better="higher", spread=(_c(b, c, "output_tok_s_rounds"), _c(p, c, "output_tok_s_rounds")))
-    row("peak RSS, process tree (MiB)", b["process_tree_peak"]["peak_rss_mb"], p["process_tree_peak"]["peak_rss_mb"], 0, "lower")
-    row("peak PSS, process tree (MiB)", b["process_tree_peak"]["peak_pss_mb"], p["process_tree_peak"]["peak_pss_mb"], 0, "lower")
-    mp = data["machine"]["env"].get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    layout = "multiprocess engine" if mp != "0" else "in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)"
-    lines = [
-        "## Model path: gRPC pair (preprocessor → model service) vs. in-process AsyncLLM",
-        "",
-        f"Tiny LLaVA on CPU, {layout}, float32, enforce_eager, VLLM_CPU_KVCACHE_SPACE=1; greedy, ignore_eos, "
-        f"{s['max_tokens']} tokens per request, one distinct {s['image_size'][0]}×{s['image_size'][1]} "
-        f"JPEG per request, {s['rounds']} round(s) per N{' (QUICK: smoke settings)' if data['quick'] else ''}; "
-        f"{data['machine']['cpu_count']} CPUs, load average {fmt(data['machine']['loadavg_1m'], 2)} at start.",
-        "",
-        md_table(["metric", "in-process AsyncLLM", "gRPC pair", "pair / baseline", "better"], rows),
-        "",
-        "Token rates: median over rounds, (min–max) when there are several. Ratios of medians.",
-        "",
-        f"Pair startup: model service {fmt(p['startup']['model_serving_s'])} s "
-        f"({', '.join(f'{k} {v:.1f}' for k, v in p['startup']['model_engine_breakdown_s'].items())}), "
-        f"then preprocessor {fmt(p['startup']['preprocessor_serving_s'])} s (sequential here; in a deployment "
-        "they start in parallel). Prompt tokens: baseline "
-        f"{_c(b, s['concurrency'][0], 'prompt_tokens')}, pair {_c(p, s['concurrency'][0], 'prompt_tokens')}.",
-        "",
-        "Memory at the end of the load phase, by process (MiB):",
-        "",
-    ]
-    mem_rows = []
-    for name, side in (("baseline", b), ("pair", p)):
-        for proc in side["memory_at_end"].get("by_process", []):
-            mem_rows.append([name, proc["role"], fmt(proc["rss_mb"], 0), fmt(proc["pss_mb"], 0)])
-    lines.append(md_table(["side", "process", "RSS", "PSS"], mem_rows))
-    return "\n".join(lines) + "\n"
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
 
 
-def run(*, quick: bool = False, out_dir: Path = DEFAULT_OUT, rounds: int | None = None) -> dict[str, Any]:
+def _memory(system: Any) -> dict[str, Any]:
+    out = {}
+    for g in system.groups:
+        if g.alive():
+            m = tree_memory(g.pid)
+            out[g.name] = {"rss_mb": m.get("rss_mb"), "pss_mb": m.get("pss_mb"), "processes": m.get("processes"),
+                           "by_process": [{k: p[k] for k in ("role", "rss_mb", "pss_mb")} for p in m.get("by_process", [])]}
+    return out
+
+
+async def _warm(system: Any, plan: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """Warm-up; returns the first request's latency and its output (for the output check)."""
+    first = None
+    for i in plan["warmup_seq"]:
+        q = await system.request(i)
+        if first is None:
+            first = (q["end"] - q["start"], {"image": i, **q.get("output", {})})
+    await system.run_round(plan["warmup_round"])
+    return first
+
+
+def output_check(data: dict[str, Any]) -> dict[str, Any]:
+    """Greedy outputs of the first warm-up request, compared within each image set."""
+    out = {}
+    for group in (("inproc", "vllm_serve", "pair"), ("model_direct", "vllm_grpc")):
+        outs = {n: data["systems"][n].get("first_output") for n in group
+                if n in data["systems"] and data["systems"][n].get("first_output")}
+        if len(outs) < 2:
+            continue
+        for key in ("token_ids", "text"):
+            vals = {n: o[key] for n, o in outs.items() if o.get(key) is not None}
+            if len(vals) >= 2:
+                ref = next(iter(vals.values()))
+                out[f"{'/'.join(vals)} {key}"] = all(v == ref for v in vals.values())
+    return out
+
+
+async def _profile(pair: Any, ctx: dict[str, Any], seconds: float, out_dir: Path) -> dict[str, Any]:
+    """py-spy on both pair services (subprocesses included) while the pair runs at N=4."""
+    import shutil
+
+    from bench.model_systems import ProcGroup
+
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(exe).exists():
+        return {"skipped": "py-spy not found (uv pip install py-spy)"}
+    spies = []
+    for g in pair.groups:
+        raw = out_dir / f"{NAME}.pyspy.{g.name}.txt"
+        cmd = [exe, "record", "--pid", str(g.pid), "--subprocesses", "--rate", "100", "--duration",
+               str(int(seconds)), "--format", "raw", "--nonblocking", "--output", str(raw)]
+        spies.append((g.name, raw, ProcGroup(f"py-spy-{g.name}", cmd, dict(os.environ),
+                                             out_dir / f"{NAME}.pyspy.{g.name}.log").start()))
+    await asyncio.sleep(1.0)
+    pool, n = ctx["profile_images"], 0  # fresh images, cycled if the phase needs more
+    while any(sp.alive() for _, _, sp in spies):
+        await pair.run_round([pool[(n + k) % len(pool)] for k in range(4)])
+        n += 4
+    res: dict[str, Any] = {"seconds": seconds, "requests": n}
+    for name, raw, sp in spies:
+        sp.stop(2)
+        res[name] = top_frames(raw) if raw.exists() else {"error": f"no output; see {sp.log_path}"}
+    return res
+
+
+def top_frames(raw_path: Path, n: int = 12) -> dict[str, Any]:
+    """From py-spy's collapsed stacks: the busiest leaf frames, and per process the share of
+    samples (idle threads are dropped by py-spy unless --idle)."""
+    self_c: dict[str, int] = {}
+    by_proc: dict[str, int] = {}
+    total = 0
+    for line in raw_path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        k = int(count)
+        total += k
+        frames = stack.split(";")
+        by_proc[frames[0][:80]] = by_proc.get(frames[0][:80], 0) + k
+        self_c[frames[-1]] = self_c.get(frames[-1], 0) + k
+    top = sorted(self_c.items(), key=lambda kv: -kv[1])[:n]
+    return {
+        "samples": total,
+        "by_process": {p: c for p, c in sorted(by_proc.items(), key=lambda kv: -kv[1])[:8]},
+        "top_self": [{"frame": f, "samples": c, "share": c / total if total else None} for f, c in top],
+        "raw": str(raw_path),
+    }
+
+
+async def _run_systems(s: Settings, ctx: dict[str, Any], wanted: list[str], data: dict[str, Any],
+                       py_spy_s: float) -> None:
+    from bench import vllm_grpc_client
+    from bench.model_systems import (
+        InprocSystem,
+        ModelDirectSystem,
+        PairSystem,
+        VllmGrpcSystem,
+        VllmServeSystem,
+        pair_preprocess,
+    )
+
+    plan_a = image_plan(s, 0)
+    plan_b = image_plan(s, s.images_per_set())
+    prompts: dict[int, Any] = {}
+    systems: dict[str, Any] = {}
+    results = data["systems"]
+    if "vllm_grpc" in wanted:
+        why = vllm_grpc_client.available()
+        if why:
+            results["vllm_grpc"] = {"skipped": why}
+            wanted = [w for w in wanted if w != "vllm_grpc"]
+    if "model_direct" in wanted and "pair" not in wanted:
+        wanted = [w for w in wanted if w != "model_direct"]
+        results["model_direct"] = {"skipped": "needs the pair"}
+    order = [w for w in ALL_SYSTEMS if w in wanted]
+    try:
+        # 1. Start each system alone and wait until it is ready (startup timed without company).
+        for name in order:
+            if name == "model_direct":
+                continue
+            cls = {"inproc": InprocSystem, "vllm_serve": VllmServeSystem, "pair": PairSystem}.get(name)
+            system = cls(ctx) if cls else VllmGrpcSystem(ctx, prompts)
+            systems[name] = system
+            log(f"model: starting {name} (logs: {system.log_path('*')})")
+            system.start()
+            try:
+                await system.wait_ready(s.start_timeout_s)
+            except Exception as e:  # noqa: BLE001
+                if name == "vllm_grpc":  # optional: report why and go on without it
+                    log(f"model: vllm_grpc failed to start, skipped: {e}")
+                    results["vllm_grpc"] = {"skipped": f"failed to start: {e}"[:2000]}
+                    await system.close()
+                    del systems[name]
+                    continue
+                raise
+            results[name] = {"description": system.description, "startup": system.startup,
+                             "pids": system.pids(), "memory_at_ready": _memory(system)}
+            log(f"model: {name} ready: " + ", ".join(f"{k} {v:.1f}s" for k, v in system.startup.items()))
+        # 2. model_direct / vllm_grpc: the images of set B, preprocessed once by the pair.
+        if "model_direct" in order or "vllm_grpc" in systems:
+            from vlm.client import PreprocessorClient
+
+            pair = systems["pair"]
+            b_images = [*plan_b["warmup_seq"], *plan_b["warmup_round"], *[i for v in plan_b["rounds"].values() for i in v]]
+            t0 = time.perf_counter()
+            async with PreprocessorClient(pair.pre_target) as pc:
+                for i in b_images:
+                    prompts[i] = await pair_preprocess(pc, ctx["jpegs"][i])
+            results["preprocessed_prompts"] = {"count": len(b_images), "seconds": time.perf_counter() - t0,
+                                               "prompt_tokens": len(prompts[b_images[0]].token_ids)}
+            if "model_direct" in order:
+                md = ModelDirectSystem(ctx, pair, prompts)
+                await md.wait_ready(0)
+                systems["model_direct"] = md
+                results["model_direct"] = {"description": md.description, "startup": {}}
+        active = [n for n in order if n in systems]
+        plans = {n: plan_b if n in ("model_direct", "vllm_grpc") else plan_a for n in active}
+        # 3. Warm-up, one system after the other.
+        for name in active:
+            log(f"model: warming up {name}")
+            results[name]["first_request_s"], results[name]["first_output"] = await _warm(systems[name], plans[name])
+        # 4. Alternating rounds.
+        recs: dict[str, list[dict[str, Any]]] = {n: [] for n in active}
+        for r in range(s.rounds):
+            for c in s.concurrency:
+                for name in active:
+                    wall, reqs = await systems[name].run_round(plans[name]["rounds"][(r, c)])
+                    recs[name].append(round_record(r, c, wall, reqs))
+                    await asyncio.sleep(0.1)
+            log(f"model: round {r + 1}/{s.rounds}: " + ", ".join(
+                f"{n} {recs[n][-1]['output_tok_s']:.0f}" for n in active) + f" tok/s at N={s.concurrency[-1]}")
+        for name in active:
+            results[name]["rounds"] = recs[name]
+            results[name]["levels"] = {str(c): summarize([x for x in recs[name] if x["concurrency"] == c])
+                                       for c in s.concurrency}
+            if name in systems and systems[name].groups:
+                results[name]["memory_at_end"] = _memory(systems[name])
+        # 5. Optional: where does the pair spend its time?
+        if py_spy_s > 0 and "pair" in systems:
+            log(f"model: py-spy on the pair for {py_spy_s:.0f}s at N=4")
+            data["py_spy"] = await _profile(systems["pair"], ctx, py_spy_s, Path(ctx["out_dir"]))
+    finally:
+        for name in reversed(list(systems)):
+            try:
+                await systems[name].close()
+            except Exception as e:  # noqa: BLE001
+                log(f"model: closing {name} failed: {e}")
+
+
+def _prepare(model_dir: Path, env: dict[str, str], out_dir: Path) -> float:
+    """Fill vLLM's model-inspection cache once (else the first system to start pays a 25-30 s
+    inspection subprocess that the others do not)."""
+    t0 = time.perf_counter()
+    code = ("import sys; from vlm.testing.tiny_models import warm_vllm_model_info_cache as w; "
+            "sys.exit(0 if w(sys.argv[1]) else 1)")
+    with open(out_dir / f"{NAME}.prepare.log", "w") as logf:
+        rc = subprocess.run([sys.executable, "-c", code, str(model_dir)], cwd=REPO_ROOT, env=env,
+                            stdout=logf, stderr=subprocess.STDOUT, timeout=300).returncode
+    if rc != 0:
+        log("model: warming vLLM's model-info cache failed (startups then include an inspection subprocess)")
+    return time.perf_counter() - t0
+
+
+def run(*, quick: bool = False, out_dir: Path = DEFAULT_OUT, rounds: int | None = None,
+        systems: list[str] | None = None, py_spy_s: float = 0.0) -> dict[str, Any]:
+    from bench.model_systems import TEXT, child_env, raw_prompt
     from vlm.testing.tiny_models import build_tiny_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -447,32 +403,43 @@ def run(*, quick: bool = False, out_dir: Path = DEFAULT_OUT, rounds: int | None 
     s = settings(quick, rounds)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    wanted = list(systems or ALL_SYSTEMS)
     t_all = time.perf_counter()
+    env = child_env()
     data: dict[str, Any] = {
         "benchmark": NAME,
         "quick": quick,
         "settings": asdict(s),
-        "prompt": PROMPT,
-        "engine_kwargs": {k: v for k, v in engine_kwargs("<model>").items() if k != "model"},
+        "systems_requested": wanted,
+        "prompt": {"chat_text": TEXT},
+        "engine_kwargs": engine_kwargs(),
         "machine": machine_info(),
+        "systems": {},
     }
-    data["machine"]["env"]["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
-    data["machine"]["env"]["VLLM_ENABLE_V1_MULTIPROCESSING"] = os.environ.get(
-        "VLLM_ENABLE_V1_MULTIPROCESSING", "1" if s.engine_multiprocessing else "0"
-    )
+    for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING"):
+        data["machine"]["env"][k] = env.get(k)
     with tempfile.TemporaryDirectory(prefix="vlm-bench-model-") as tmp_s:
         tmp = Path(tmp_s)
         model_dir = build_tiny_model("llava", tmp / "tiny-llava")
         images = tmp / "images"
         images.mkdir()
-        n = s.images_needed()
+        n_set = 2 * s.images_per_set()
+        n = n_set + (64 if py_spy_s > 0 else 0)
         log(f"model: generating {n} synthetic {s.image_size[0]}x{s.image_size[1]} JPEGs")
-        for i, jpeg in enumerate(synthetic_jpegs(n, s.image_size, seed0=10_000)):
+        jpegs = synthetic_jpegs(n, s.image_size, seed0=10_000)
+        for i, jpeg in enumerate(jpegs):
             (images / f"{i:04d}.jpg").write_bytes(jpeg)
-        for side in ("baseline", "pair"):
-            data[side] = _run_side(side, model_dir, images, tmp, out_dir, quick, rounds)
-            log(f"model: side {side!r} done in {data[side]['wall_s']:.0f}s, peak RSS "
-                f"{data[side]['process_tree_peak']['peak_rss_mb']:.0f} MiB")
+        data["prompt"]["inproc"] = raw_prompt(model_dir)
+        ctx = {
+            "raw_prompt": data["prompt"]["inproc"],
+            "model_dir": model_dir, "images": images, "jpegs": jpegs, "engine_kwargs": engine_kwargs(),
+            "max_tokens": s.max_tokens, "out_dir": out_dir, "env": env,
+            "profile_images": list(range(n_set, n)),
+        }
+        data["prepare_s"] = _prepare(model_dir, env, out_dir)
+        asyncio.run(_run_systems(s, ctx, wanted, data, py_spy_s))
+    data["ratios"] = ratios(data)
+    data["output_check"] = output_check(data)
     data["total_s"] = time.perf_counter() - t_all
     md = render_markdown(data)
     paths = write_results(out_dir, NAME, data, md)
@@ -481,23 +448,151 @@ def run(*, quick: bool = False, out_dir: Path = DEFAULT_OUT, rounds: int | None 
     return data
 
 
+def ratios(data: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for a, b, c, key in (
+        ("pair", "vllm_serve", 4, "output_tok_s"),
+        ("pair", "inproc", 4, "output_tok_s"),
+        ("pair", "vllm_serve", 1, "ttft_p50"),
+        ("pair", "vllm_serve", 4, "ttft_p50"),
+        ("model_direct", "vllm_grpc", 4, "output_tok_s"),
+        ("model_direct", "vllm_grpc", 4, "ttft_p50"),
+        ("vllm_serve", "inproc", 4, "output_tok_s"),
+        ("pair", "inproc", 1, "ttft_p50"),
+    ):
+        r = paired_ratio(data, a, b, c, key)
+        if r is not None:
+            out.append(r)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------------
+
+
+def _lvl(sysd: dict[str, Any], c: int) -> dict[str, Any] | None:
+    return sysd.get("levels", {}).get(str(c)) if sysd else None
+
+
+def render_markdown(data: dict[str, Any]) -> str:
+    s = data["settings"]
+    sysd = data["systems"]
+    names = [n for n in ALL_SYSTEMS if n in sysd and "levels" in sysd[n]]
+    skipped = {n: sysd[n]["skipped"] for n in ALL_SYSTEMS if n in sysd and "skipped" in sysd[n]}
+
+    def cell_tok(n: str, c: int) -> str:
+        lv = _lvl(sysd[n], c)
+        if not lv or lv["output_tok_s"]["best"] is None:
+            return "–"
+        t = lv["output_tok_s"]
+        return f"{t['best']:.0f} ({t['min']:.0f}–{t['max']:.0f})" if lv["rounds"] > 1 else f"{t['best']:.0f}"
+
+    def cell_ttft(n: str, c: int, q: str) -> str:
+        lv = _lvl(sysd[n], c)
+        if not lv:
+            return "–"
+        v = lv["ttft"][f"{q}_ms"]
+        if q == "p50" and lv["rounds"] > 1 and lv["ttft_p50_ms_rounds"]["min"] is not None:
+            r = lv["ttft_p50_ms_rounds"]
+            return f"{fmt(v, 0)} ({r['min']:.0f}–{r['max']:.0f})"
+        return fmt(v, 0)
+
+    rows = []
+    rows.append(["startup to ready (s)", *[fmt(sysd[n].get("startup", {}).get("ready_s")) for n in names]])
+    rows.append(["first request after startup (s)", *[fmt(sysd[n].get("first_request_s"), 2) for n in names]])
+    for c in s["concurrency"]:
+        rows.append([f"**output tok/s @ N={c}**: best (min–max)", *[cell_tok(n, c) for n in names]])
+        rows.append([f"TTFT p50 @ N={c} (ms): all requests (round medians min–max)",
+                     *[cell_ttft(n, c, "p50") for n in names]])
+        rows.append([f"TTFT p95 @ N={c} (ms)", *[cell_ttft(n, c, "p95") for n in names]])
+        rows.append([f"time per output token p50 @ N={c} (ms)",
+                     *[fmt((_lvl(sysd[n], c) or {}).get("tpot", {}).get("p50_ms"), 2) for n in names]])
+    c0 = s["concurrency"][0]
+    rows.append(["prompt tokens / output tokens per request",
+                 *[f"{(_lvl(sysd[n], c0) or {}).get('prompt_tokens')} / {(_lvl(sysd[n], c0) or {}).get('tokens_per_request')}"
+                   for n in names]])
+
+    def mem(n: str) -> str:
+        m = sysd[n].get("memory_at_end") or {}
+        if not m:
+            return "(pair's)" if n == "model_direct" else "–"
+        return f"{sum(v['rss_mb'] or 0 for v in m.values()):.0f} / {sum(v['pss_mb'] or 0 for v in m.values()):.0f}"
+
+    rows.append(["RSS / PSS of its processes at the end (MiB)", *[mem(n) for n in names]])
+
+    rrows = []
+    for r in data.get("ratios", []):
+        fig = "output tok/s (best round)" if r["figure"] == "output_tok_s" else "TTFT p50"
+        pr = (f"{r['per_round_median']:.2f}× ({r['per_round_min']:.2f}–{r['per_round_max']:.2f})"
+              if r["per_round"] else "–")
+        rrows.append([f"{r['a']} / {r['b']}", f"{fig} @ N={r['concurrency']}",
+                      "–" if r["ratio"] is None else f"**{r['ratio']:.2f}×**", pr])
+
+    st_rows = []
+    for n in names:
+        st = sysd[n].get("startup") or {}
+        if st:
+            st_rows.append([n, ", ".join(f"{k} {v:.1f}" for k, v in st.items())])
+    mp = data["machine"]["env"].get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    layout = "in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)" if mp == "0" else "multiprocess engine"
+    lines = [
+        "## Serving path: gRPC pair vs. vLLM's OpenAI server vs. in-process AsyncLLM",
+        "",
+        f"Tiny LLaVA on CPU, {layout}, float32, enforce_eager, VLLM_CPU_KVCACHE_SPACE=1; greedy, ignore_eos, "
+        f"{s['max_tokens']} tokens per request, one distinct {s['image_size'][0]}×{s['image_size'][1]} JPEG per "
+        f"request; every system is its own OS process(es); {s['rounds']} alternating round(s) per N"
+        f"{' (QUICK: smoke settings)' if data['quick'] else ''}; {data['machine']['cpu_count']} CPUs, load average "
+        f"{fmt(data['machine']['loadavg_1m'], 2)} at start; run took {fmt(data.get('total_s'), 0)} s.",
+        "",
+        md_table(["figure", *names], rows),
+        "",
+        "tok/s per round = Σ output tokens / round wall time; *best* = the best round (noise only slows), "
+        "(min–max) over rounds. TTFT = request start (before the client encodes the image) to the first token.",
+        "",
+        "Ratios (same run; the per-round column pairs rounds measured back to back):",
+        "",
+        md_table(["ratio", "figure", "value", "per round: median (min–max)"], rrows),
+        "",
+        "Startup (s, from spawning the process(es) to ready; the pair's two services start together, "
+        "`ready_s` = the later of the two):",
+        "",
+        md_table(["system", "startup"], st_rows),
+    ]
+    if data.get("output_check"):
+        lines += ["", "Same greedy output for the first warm-up image: " + ", ".join(
+            f"{k}: {'yes' if v else '**NO**'}" for k, v in data["output_check"].items())]
+    if skipped:
+        lines += ["", "Skipped: " + "; ".join(f"**{k}**: {v}" for k, v in skipped.items())]
+    spy = data.get("py_spy")
+    if spy and "skipped" not in spy:
+        lines += ["", f"py-spy, pair at N=4 for {spy['seconds']:.0f} s ({spy['requests']} requests), "
+                      "top frames by own samples (subprocesses included):", ""]
+        for svc in ("model_svc", "preprocessor_svc"):
+            t = spy.get(svc) or {}
+            if "top_self" in t:
+                lines.append(md_table([f"{svc}: frame", "samples", "share"],
+                                      [[f"`{x['frame'][:110]}`", x["samples"], f"{(x['share'] or 0) * 100:.1f}%"]
+                                       for x in t["top_self"][:8]]))
+                lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.model_latency", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke-test settings (< 2 min)")
+    p.add_argument("--quick", action="store_true", help="smoke-test settings (3 rounds, 1 warm-up request)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="rounds of N concurrent requests per level (default: 2 quick, 10 full)")
-    p.add_argument("--side", choices=("baseline", "pair"), default=None,
-                   help="internal: run one side in this process and write --json")
-    p.add_argument("--model-dir", type=Path, help="(--side) model directory")
-    p.add_argument("--images", type=Path, help="(--side) folder of JPEGs")
-    p.add_argument("--json", type=Path, help="(--side) where to write the side's results")
+    p.add_argument("--rounds", type=int, default=None, help="alternating rounds (default: 3 quick, 10 full)")
+    p.add_argument("--systems", default=",".join(ALL_SYSTEMS),
+                   help=f"comma-separated subset of {','.join(ALL_SYSTEMS)} (default: all available)")
+    p.add_argument("--py-spy", type=float, default=0.0, metavar="SECONDS",
+                   help="after the rounds, profile both pair services with py-spy for SECONDS at N=4")
     args = p.parse_args(argv)
-    if args.side:
-        if not (args.model_dir and args.images and args.json):
-            p.error("--side needs --model-dir, --images and --json")
-        return child_main(args)
-    run(quick=args.quick, out_dir=args.out, rounds=args.rounds)
+    wanted = [x.strip() for x in args.systems.split(",") if x.strip()]
+    bad = [x for x in wanted if x not in ALL_SYSTEMS]
+    if bad:
+        p.error(f"unknown system(s): {', '.join(bad)}")
+    run(quick=args.quick, out_dir=args.out, rounds=args.rounds, systems=wanted, py_spy_s=args.py_spy)
     return 0
 
 

@@ -26,28 +26,14 @@ caching and the encoder cache (both keyed by the items' content hashes). The fac
   report NOT_SERVING and be restarted);
 * a duplicate in-flight request_id → `AlreadyExists`.
 
-Engine arguments are vLLM's own `AsyncEngineArgs` (tensor-parallel size, dtype, max model len,
-KV-cache bytes / GPU memory utilisation, enforce-eager, model_impl, --limit-mm-per-prompt, ...):
-`add_engine_cli_args(parser)` adds vLLM's usual flags plus this service's, and
-`EngineConfig.from_cli_args(args)` builds the config from the parsed namespace. One default
-differs from vLLM: `mm_processor_cache_gb=0` — the model service always hands the engine full
-features (hash-only items are resolved here), so vLLM's engine-side processor cache would only
-hold a second copy of them.
+Configuration (`model_svc.config`): vLLM's own `AsyncEngineArgs` plus this service's limits.
+Request statistics and load (`model_svc.stats`): pass a `MetricsHook` (`EngineConfig.metrics`);
+gauges (running / waiting / KV usage, feature-store items / bytes, health) are read with
+`load()` and `healthy` when scraped.
 
-Stats for metrics: pass a `MetricsHook` (`EngineConfig.metrics`). The engine calls, from the
-event loop, never raising into the request:
-
-* `request_finished(RequestStats)` once per generate() call that reached the engine: finish
-  reason (None if it failed), prompt / cached / generated tokens, time to first token, the
-  inter-token latencies (one per generated token after the first; tokens that arrive together
-  share the gap evenly), end-to-end latency (all seconds, measured by this facade from the
-  generate() call, monotonic clock) and an error reason code for failures;
-* `feature_store_lookups(hits, misses)` per request that had hash-only items.
-
-Gauges (running / waiting / KV usage, feature-store items / bytes, health) are read with
-`load()` and `healthy` when scraped. Running/waiting/KV usage come from vLLM's scheduler stats,
-received by a custom `StatLoggerBase` passed to `AsyncLLM(stat_loggers=...)`; they are as fresh
-as the engine's last step (the engine sends a final update when it goes idle).
+The model facts (`profile`, a `vlm.profile.ModelProfile`) are derived at start-up by
+`vlm.vllm_profile.build_profile` from the engine's own config and renderer — the same code the
+preprocessor runs — and `model_info()` is `profile.model_info()`.
 
 Process model: `AsyncLLM` always runs its engine core in a child process (spawned; scripts need
 an `if __name__ == "__main__"` guard); with `VLLM_ENABLE_V1_MULTIPROCESSING=0` the model runs
@@ -58,7 +44,6 @@ warm-up, so the first real request does not pay one-time kernel initialisation.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -66,170 +51,23 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
-from vlm.errors import (
-    AlreadyExists,
-    Internal,
-    InvalidArgument,
-    ResourceExhausted,
-    Unavailable,
-    VlmError,
-)
-from vlm.fingerprint import compute_fingerprint
-from vlm.types import (
-    Chunk,
-    FinishReason,
-    Fingerprint,
-    Load,
-    ModalityInfo,
-    ModelInfo,
-    Prompt,
-    Sampling,
-    Usage,
-)
-
+from vlm import vllm_errors
+from vlm.errors import AlreadyExists, Internal, Unavailable, VlmError
+from vlm.profile import ModelProfile
+from vlm.types import Chunk, FinishReason, Load, ModelInfo, Prompt, Sampling, Usage
 from vlm.vllm_mm import items_from_engine_input
 
+from .config import EngineConfig, Limits
 from .engine_input import PromptToEngineInput, SamplingToParams
-from .feature_store import FeatureStore, FeatureStoreStats
+from .feature_store import FeatureStore
 from .output import OutputToChunk
-from .validation import Limits, ModelSpec, PromptValidator, derive_model_spec
+from .stats import MetricsHook, NullMetrics, RequestTimer, SchedulerView, stat_logger_factory
+from .validation import PromptValidator
 
 log = logging.getLogger(__name__)
-
-DEFAULT_FEATURE_STORE_BYTES = 1 << 30
-
-
-# ------------------------------------------------------------------------------- metrics hook
-
-
-@dataclass(frozen=True)
-class RequestStats:
-    request_id: str
-    finish_reason: FinishReason | None  # None: failed (see error)
-    prompt_tokens: int
-    cached_tokens: int
-    generation_tokens: int
-    time_to_first_token: float | None  # seconds; None if no token was generated
-    inter_token_latencies: tuple[float, ...]
-    e2e_latency: float
-    error: str | None = None  # VlmError.reason of a failure
-
-
-class MetricsHook(Protocol):
-    def request_finished(self, stats: RequestStats) -> None: ...
-
-    def feature_store_lookups(self, hits: int, misses: int) -> None: ...
-
-
-class NullMetrics:
-    def request_finished(self, stats: RequestStats) -> None:
-        pass
-
-    def feature_store_lookups(self, hits: int, misses: int) -> None:
-        pass
-
-
-# ------------------------------------------------------------------------------- configuration
-
-
-@dataclass
-class EngineConfig:
-    engine_args: Any  # vllm.engine.arg_utils.AsyncEngineArgs
-    feature_store_bytes: int = DEFAULT_FEATURE_STORE_BYTES
-    limits: Limits = field(default_factory=Limits)
-    metrics: MetricsHook | None = None
-    warmup: bool = True
-
-    @classmethod
-    def from_cli_args(cls, args: argparse.Namespace, **overrides: Any) -> EngineConfig:
-        from vllm.engine.arg_utils import AsyncEngineArgs
-
-        engine_args = AsyncEngineArgs.from_cli_args(args)
-        limits = Limits(
-            max_feature_bytes_per_prompt=args.max_feature_bytes_per_prompt,
-            check_fixed_shapes=not args.no_strict_field_shapes,
-        )
-        kwargs: dict[str, Any] = dict(
-            engine_args=engine_args, feature_store_bytes=args.feature_store_bytes, limits=limits
-        )
-        kwargs.update(overrides)
-        return cls(**kwargs)
-
-
-def add_engine_cli_args(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """vLLM's engine flags (`AsyncEngineArgs.add_cli_args`) plus this service's.
-
-    Without a parser, a vLLM `FlexibleArgumentParser` (which understands vLLM's JSON-valued and
-    dotted flags) is created.
-    """
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    if parser is None:
-        parser = FlexibleArgumentParser(description="vLM model service engine")
-    parser = AsyncEngineArgs.add_cli_args(parser)
-    group = parser.add_argument_group("model service")
-    group.add_argument(
-        "--feature-store-bytes", type=int, default=DEFAULT_FEATURE_STORE_BYTES,
-        help="Bytes of item features kept for hash-only items (LRU); 0 disables.",
-    )
-    group.add_argument(
-        "--max-feature-bytes-per-prompt", type=int, default=None,
-        help="Refuse prompts whose feature tensors exceed this many bytes.",
-    )
-    group.add_argument(
-        "--no-strict-field-shapes", action="store_true",
-        help="Do not enforce the feature dimensions found fixed at start-up.",
-    )
-    parser.set_defaults(mm_processor_cache_gb=0)
-    return parser
-
-
-# ------------------------------------------------------------------------------- load tracking
-
-
-class _SchedulerView:
-    """Latest scheduler stats per engine (data-parallel engines are summed)."""
-
-    def __init__(self) -> None:
-        self.by_engine: dict[int, tuple[int, int, float]] = {}
-
-    def update(self, engine_idx: int, stats: Any) -> None:
-        waiting = int(stats.num_waiting_reqs) + int(getattr(stats, "num_skipped_waiting_reqs", 0))
-        self.by_engine[engine_idx] = (int(stats.num_running_reqs), waiting, float(stats.kv_cache_usage))
-
-    def totals(self) -> tuple[int, int, float]:
-        if not self.by_engine:
-            return 0, 0, 0.0
-        vals = list(self.by_engine.values())
-        return (
-            sum(v[0] for v in vals),
-            sum(v[1] for v in vals),
-            sum(v[2] for v in vals) / len(vals),
-        )
-
-
-def _stat_logger_factory(view: _SchedulerView) -> Any:
-    from vllm.v1.metrics.loggers import StatLoggerBase
-
-    class _LoadLogger(StatLoggerBase):
-        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-            self.engine_index = engine_index
-
-        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):  # noqa: ANN001
-            if scheduler_stats is not None:
-                view.update(engine_idx, scheduler_stats)
-
-        def log_engine_initialized(self) -> None:
-            pass
-
-    return _LoadLogger
-
-
-# ------------------------------------------------------------------------------- the engine
 
 
 @dataclass
@@ -246,24 +84,23 @@ class Engine:
         self,
         llm: Any,
         *,
-        spec: ModelSpec,
-        model_info: ModelInfo,
+        profile: ModelProfile,
         feature_store: FeatureStore,
         limits: Limits | None = None,
         sampling_defaults: Mapping[str, Any] | None = None,
         metrics: MetricsHook | None = None,
-        scheduler_view: _SchedulerView | None = None,
+        scheduler_view: SchedulerView | None = None,
     ) -> None:
         self._llm = llm
         self._vllm_config = getattr(llm, "vllm_config", None)
-        self._spec = spec
-        self._info = model_info
+        self._profile = profile
+        self._info = profile.model_info()
         self._store = feature_store
-        self._validator = PromptValidator(spec, limits)
+        self._validator = PromptValidator(profile, limits)
         self._to_input = PromptToEngineInput()
         self._to_params = SamplingToParams(sampling_defaults)
         self._metrics = metrics or NullMetrics()
-        self._sched = scheduler_view or _SchedulerView()
+        self._sched = scheduler_view or SchedulerView()
         self._inflight: dict[str, _InFlight] = {}
         self._dead = False
         self._closed = False
@@ -295,14 +132,12 @@ class Engine:
 
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from vlm.vllm_profile import build_profile
+
         timings: dict[str, float] = {}
         t0 = time.monotonic()
-        fingerprint = await asyncio.to_thread(
-            compute_fingerprint, engine_args.model, engine_args.model_impl,
-            revision=engine_args.revision,
-        )
-        view = _SchedulerView()
-        llm = AsyncLLM.from_engine_args(engine_args, stat_loggers=[_stat_logger_factory(view)])
+        view = SchedulerView()
+        llm = AsyncLLM.from_engine_args(engine_args, stat_loggers=[stat_logger_factory(view)])
         timings["engine"] = time.monotonic() - t0
         try:
             t1 = time.monotonic()
@@ -310,21 +145,21 @@ class Engine:
             join = getattr(renderer, "_join_mm_warmup", None)
             if join is not None:  # vLLM's background processor warm-up uses the same processor
                 await asyncio.to_thread(join)
-            encoder_budget = getattr(llm.input_processor, "mm_encoder_cache_size", 0) or None
-            spec, dummies = await asyncio.to_thread(
-                derive_model_spec, llm.vllm_config, renderer, fingerprint,
-                encoder_cache_size=encoder_budget,
+            profile, dummies = await asyncio.to_thread(
+                build_profile, llm.vllm_config, renderer,
+                model=engine_args.model, model_impl=engine_args.model_impl,
+                revision=engine_args.revision,
             )
-            timings["probe"] = time.monotonic() - t1
-            model_config = llm.vllm_config.model_config
-            info = _model_info(engine_args, spec, fingerprint, renderer, model_config, limits)
+            timings["profile"] = time.monotonic() - t1
+            encoder_budget = getattr(llm.input_processor, "mm_encoder_cache_size", 0) or None
+            if limits.max_embeds_per_item is None and encoder_budget:
+                limits = dataclasses.replace(limits, max_embeds_per_item=int(encoder_budget))
             engine = cls(
                 llm,
-                spec=spec,
-                model_info=info,
+                profile=profile,
                 feature_store=FeatureStore(fs_bytes),
                 limits=limits,
-                sampling_defaults=model_config.get_diff_sampling_param(),
+                sampling_defaults=llm.vllm_config.model_config.get_diff_sampling_param(),
                 metrics=metrics,
                 scheduler_view=view,
             )
@@ -345,12 +180,12 @@ class Engine:
         if dummies:
             dummy = next(iter(dummies.values()))
             prompt = Prompt(
-                fingerprint=self._spec.fingerprint,
+                fingerprint=self._profile.fingerprint,
                 token_ids=tuple(int(t) for t in dummy["prompt_token_ids"]),
                 items=items_from_engine_input(dummy),
             )
         else:
-            prompt = Prompt(self._spec.fingerprint, token_ids=(0, 1, 2, 3))
+            prompt = Prompt(self._profile.fingerprint, token_ids=(0, 1, 2, 3))
         params = SamplingParams(
             max_tokens=2, temperature=0.0, ignore_eos=True, output_kind=RequestOutputKind.DELTA
         )
@@ -363,8 +198,8 @@ class Engine:
         return self._info
 
     @property
-    def spec(self) -> ModelSpec:
-        return self._spec
+    def profile(self) -> ModelProfile:
+        return self._profile
 
     @property
     def vllm_config(self) -> Any:
@@ -373,9 +208,6 @@ class Engine:
     @property
     def feature_store(self) -> FeatureStore:
         return self._store
-
-    def feature_store_stats(self) -> FeatureStoreStats:
-        return self._store.stats()
 
     def load(self) -> Load:
         running, waiting, kv = self._sched.totals()
@@ -439,16 +271,13 @@ class Engine:
             raise Unavailable("the engine is not serving" if not self._closed else "shutting down")
         state = _InFlight(request_id)
         self._inflight[request_id] = state
-        t0 = time.monotonic()
+        timer = RequestTimer()
         to_chunk = OutputToChunk(
             request_id, prompt_tokens=len(prompt.token_ids), top_logprobs=sampling.logprobs
         )
         stream = None
         finish: FinishReason | None = None
         cached = 0
-        first_token_at: float | None = None
-        last_token_at: float | None = None
-        itl: list[float] = []
         error: str | None = None
         try:
             engine_input, params = self._prepare(prompt, sampling)
@@ -461,15 +290,8 @@ class Engine:
             stream = self._llm.generate(engine_input, params, request_id)
             async for out in stream:
                 chunk = to_chunk(out)
-                now = time.monotonic()
                 if chunk.token_ids:
-                    k = len(chunk.token_ids)
-                    if first_token_at is None or last_token_at is None:
-                        first_token_at = now
-                        itl.extend([0.0] * (k - 1))  # tokens that came with the first one
-                    else:
-                        itl.extend([(now - last_token_at) / k] * k)
-                    last_token_at = now
+                    timer.tokens(len(chunk.token_ids))
                 if chunk.finish_reason is not None:
                     finish = chunk.finish_reason
                     cached = chunk.usage.cached_tokens if chunk.usage else 0
@@ -481,7 +303,7 @@ class Engine:
             error = e.reason
             raise
         except Exception as e:
-            mapped = self._map_engine_error(e)
+            mapped = self._engine_error(e)
             error = mapped.reason
             raise mapped from e
         finally:
@@ -499,35 +321,25 @@ class Engine:
             if state.started:
                 self._call_hook(
                     "request_finished",
-                    RequestStats(
-                        request_id=request_id,
+                    timer.stats(
+                        request_id,
                         finish_reason=finish if error is None else None,
                         prompt_tokens=len(prompt.token_ids),
                         cached_tokens=cached,
                         generation_tokens=to_chunk.completion_tokens,
-                        time_to_first_token=None if first_token_at is None else first_token_at - t0,
-                        inter_token_latencies=tuple(itl),
-                        e2e_latency=time.monotonic() - t0,
                         error=error,
                     ),
                 )
 
-    def _map_engine_error(self, e: Exception) -> VlmError:
-        from vllm.exceptions import GracefulHTTPError, VLLMClientError, VLLMValidationError
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        if isinstance(e, EngineDeadError) or self.errored:
+    def _engine_error(self, e: Exception) -> VlmError:
+        err = vllm_errors.translate(e, vllm_errors.GENERATION)
+        if self.errored or isinstance(err, Unavailable):
             self._dead = True
             return Unavailable("the engine died; the service must be restarted")
-        if isinstance(e, VLLMValidationError):
-            param = getattr(e, "parameter", None)
-            return InvalidArgument(str(e), field=f"sampling.{param}" if param else None)
-        if isinstance(e, GracefulHTTPError):
-            return ResourceExhausted(str(e) or type(e).__name__)
-        if isinstance(e, VLLMClientError):
-            return InvalidArgument(str(e))
-        log.exception("engine request failed")
-        return Internal(f"the engine failed the request: {type(e).__name__}")
+        if err is None:
+            log.exception("engine request failed")
+            return Internal(f"the engine failed the request: {type(e).__name__}")
+        return err
 
     async def _abort_engine(self, request_id: str) -> None:
         try:
@@ -584,51 +396,3 @@ class _ClosedLLM:
 
     def shutdown(self, timeout: float | None = None) -> None:
         return None
-
-
-# ------------------------------------------------------------------------------- model info
-
-
-def _eos_ids(renderer: Any, model_config: Any) -> tuple[int, ...]:
-    ids: list[int] = []
-    try:
-        eos = renderer.get_eos_token_id()
-    except Exception:  # noqa: BLE001
-        eos = None
-    if isinstance(eos, int):
-        ids.append(eos)
-    gen = model_config.try_get_generation_config() or {}
-    extra = gen.get("eos_token_id")
-    for t in extra if isinstance(extra, (list, tuple)) else [extra]:
-        if isinstance(t, int) and t not in ids:
-            ids.append(t)
-    return tuple(ids)
-
-
-def _model_info(
-    engine_args: Any,
-    spec: ModelSpec,
-    fingerprint: Fingerprint,
-    renderer: Any,
-    model_config: Any,
-    limits: Limits,
-) -> ModelInfo:
-    modalities = []
-    for m, ms in spec.modalities.items():
-        cap = limits.max_items_per_prompt.get(m, ms.max_items)
-        modalities.append(
-            ModalityInfo(
-                modality=m,
-                placeholder_token_ids=tuple(sorted(ms.placeholder_token_ids)),
-                placeholder_text=ms.placeholder_text,
-                max_items_per_prompt=min(ms.max_items, cap),
-            )
-        )
-    return ModelInfo(
-        model_id=fingerprint.model_id,
-        fingerprint=fingerprint,
-        max_model_len=spec.max_model_len,
-        vocab_size=spec.vocab_size,
-        eos_token_ids=_eos_ids(renderer, model_config),
-        modalities=tuple(modalities),
-    )

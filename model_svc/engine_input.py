@@ -20,7 +20,7 @@ items becomes `vllm.inputs.tokens_input(...)`.
 `SamplingToParams` turns `vlm.types.Sampling` into vLLM `SamplingParams` with
 `RequestOutputKind.DELTA` (so vLLM's incremental detokenizer produces the text deltas), unset
 fields taking the model's generation-config defaults as vLLM's OpenAI server does, and vLLM's
-ValueErrors translated into InvalidArgument naming `sampling.<field>`.
+errors translated by `vlm.vllm_errors` into InvalidArgument naming `sampling.<field>`.
 
 The per-field and per-range conversions both ways live in `vlm.vllm_mm`, shared with the
 preprocessor.
@@ -32,10 +32,10 @@ from collections.abc import Mapping
 from typing import Any
 
 
+from vlm import vllm_errors
+from vlm.errors import Internal
 from vlm.types import OPTIONAL_SAMPLING_FIELDS, Prompt, Sampling
 from vlm.vllm_mm import placeholder_range, vllm_field
-
-from .validation import translate_sampling_error
 
 # ------------------------------------------------------------------------------- domain → vLLM
 
@@ -109,4 +109,5 @@ class SamplingToParams:
         try:
             return SamplingParams(**kwargs)
         except Exception as e:  # noqa: BLE001 - VLLMValidationError is not a ValueError
-            raise translate_sampling_error(e) from e
+            err = vllm_errors.translate(e, vllm_errors.SAMPLING)
+            raise (err or Internal(f"sampling parameters failed: {type(e).__name__}")) from e

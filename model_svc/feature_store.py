@@ -99,10 +99,6 @@ class FeatureStore:
         self.hits += 1
         return entry[0]
 
-    def clear(self) -> None:
-        self._entries.clear()
-        self._bytes = 0
-
     def stats(self) -> FeatureStoreStats:
         return FeatureStoreStats(
             items=len(self._entries),

@@ -36,7 +36,6 @@ class OutputToChunk:
         self.prompt_tokens = prompt_tokens
         self.top_logprobs = top_logprobs or 0
         self.completion_tokens = 0
-        self.finished = False
 
     def __call__(self, out: Any) -> Chunk:
         completion = out.outputs[0]
@@ -51,7 +50,6 @@ class OutputToChunk:
         stop_reason = None
         usage = None
         if out.finished:
-            self.finished = True
             finish_reason = _FINISH.get(completion.finish_reason or "abort", FinishReason.ABORT)
             stop_reason = completion.stop_reason
             if isinstance(stop_reason, bool) or not isinstance(stop_reason, (str, int)):

@@ -5,14 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from preprocessor_svc.metrics import PreprocessorMetrics
-from preprocessor_svc.pool import Preprocessor
-from preprocessor_svc.processing import PreprocessorConfig
-from preprocessor_svc.servicer import PreprocessorServicer
+from preprocessor_svc.pool import PoolConfig, Preprocessor
+from preprocessor_svc.processing import ProcessorConfig
+from preprocessor_svc.servicer import SERVICE_NAME, PreprocessorServicer, add_to_server
 from vlm.client import ModelClient
-from vlm.preprocessor.v1 import preprocessor_pb2, preprocessor_pb2_grpc
 from vlm.server import GrpcApp, ServerOptions
-
-SERVICE_NAME = preprocessor_pb2.DESCRIPTOR.services_by_name["PreprocessorService"].full_name
 
 
 @dataclass
@@ -24,7 +21,8 @@ class PreprocessorApp:
     @classmethod
     async def start(
         cls,
-        config: PreprocessorConfig,
+        config: ProcessorConfig,
+        pool: PoolConfig,
         options: ServerOptions,
         metrics: PreprocessorMetrics | None = None,
         *,
@@ -39,11 +37,9 @@ class PreprocessorApp:
             # The port is bound before the workers start, so health checks see NOT_SERVING
             # during warm-up (and RPCs get UNAVAILABLE) rather than a refused connection.
             servicer = PreprocessorServicer(metrics, model_client)
-            app.add_service(
-                preprocessor_pb2_grpc.add_PreprocessorServiceServicer_to_server, servicer, SERVICE_NAME
-            )
+            app.add_service(add_to_server, servicer, SERVICE_NAME)
             await app.start()
-            preprocessor = await Preprocessor.start(config)
+            preprocessor = await Preprocessor.start(config, pool)
             metrics.bind(preprocessor)
             servicer.attach(preprocessor)
             await app.set_serving(True)

@@ -19,7 +19,8 @@ import sys
 
 from preprocessor_svc.media import MediaLimits
 from preprocessor_svc.metrics import PreprocessorMetrics
-from preprocessor_svc.processing import MODEL_IMPLS, PreprocessorConfig
+from preprocessor_svc.pool import PoolConfig
+from preprocessor_svc.processing import MODEL_IMPLS, ProcessorConfig
 from vlm.server import ServerOptions, add_server_args, configure_logging
 
 log = logging.getLogger("preprocessor_svc")
@@ -57,12 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> PreprocessorConfig:
-    return PreprocessorConfig(
+def config_from_args(args: argparse.Namespace) -> tuple[ProcessorConfig, PoolConfig]:
+    processor = ProcessorConfig(
         model=args.model,
         model_impl=args.model_impl,
-        workers=args.workers,
-        max_queue=args.max_queue,
         max_model_len=args.max_model_len,
         limit_mm_per_prompt=args.limit_mm_per_prompt,
         media_limits=MediaLimits(
@@ -76,16 +75,20 @@ def config_from_args(args: argparse.Namespace) -> PreprocessorConfig:
         revision=args.revision,
         dtype=args.dtype,
         mm_processor_kwargs=args.mm_processor_kwargs,
-        request_timeout_s=args.request_timeout,
     )
+    pool = PoolConfig(
+        workers=args.workers, max_queue=args.max_queue, request_timeout_s=args.request_timeout
+    )
+    return processor, pool
 
 
 async def serve(args: argparse.Namespace) -> None:
     from preprocessor_svc.app import PreprocessorApp
 
     options = ServerOptions.from_args(args)
+    processor, pool = config_from_args(args)
     app = await PreprocessorApp.start(
-        config_from_args(args), options, PreprocessorMetrics(), model_target=args.model_target
+        processor, pool, options, PreprocessorMetrics(), model_target=args.model_target
     )
     try:
         await app.grpc.serve_until_signal()

@@ -2,13 +2,50 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from vlm.server import METRICS_PREFIX as P
 from vlm.server import BaseMetrics
 
+if TYPE_CHECKING:
+    from preprocessor_svc.pool import PooledResult, Preprocessor
+
 _DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                      10.0, 30.0, 60.0)
+
+
+class _PoolCollector(Collector):
+    """The worker pool's gauges and counters, read from `Preprocessor.stats()` at scrape time."""
+
+    def __init__(self, preprocessor: Preprocessor) -> None:
+        self._pre = preprocessor
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._pre.stats()
+        gauges = (
+            ("preprocess_queue_depth", "Prompts waiting for a worker process.", s.queue_depth),
+            ("preprocess_in_flight", "Prompts being processed by worker processes.", s.in_flight),
+            ("preprocess_max_queue", "Prompts that may wait before RESOURCE_EXHAUSTED.", s.max_queue),
+            ("preprocess_workers", "Worker processes configured.", s.workers),
+            ("preprocess_workers_ready", "Worker processes ready (not restarting).", s.workers_ready),
+            ("processor_cache_bytes", "Bytes held by the workers' processor caches.", s.cache_bytes),
+        )
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(f"{P}_{name}", doc, value=value)
+        counters = (
+            ("preprocess_requests", "Prompts submitted to the pool.", s.requests_total),
+            ("preprocess_failures", "Prompts that failed in a worker (bad input included).", s.failed_total),
+            ("preprocess_rejected", "Prompts refused because the queue was full.", s.rejected_total),
+            ("preprocess_worker_restarts", "Worker processes restarted after dying or timing out.",
+             s.worker_restarts_total),
+        )
+        for name, doc, value in counters:
+            yield CounterMetricFamily(f"{P}_{name}", doc, value=value)
 
 
 class PreprocessorMetrics(BaseMetrics):
@@ -30,26 +67,22 @@ class PreprocessorMetrics(BaseMetrics):
             f"{P}_processor_cache_hits", "Items served from the processor cache.", registry=r)
         self.cache_misses = Counter(
             f"{P}_processor_cache_misses", "Items the processor had to process.", registry=r)
-        self.queue_depth = Gauge(
-            f"{P}_preprocess_queue_depth", "Prompts waiting for a worker process.", registry=r)
-        self.in_flight = Gauge(
-            f"{P}_preprocess_in_flight", "Prompts being processed by worker processes.", registry=r)
 
-    def bind(self, preprocessor) -> None:
-        """Read the queue gauges from the live preprocessor at scrape time."""
-        self.queue_depth.set_function(lambda: preprocessor.stats()["queue_depth"])
-        self.in_flight.set_function(lambda: preprocessor.stats()["in_flight"])
+    def bind(self, preprocessor: Preprocessor) -> None:
+        """Export the pool's gauges and counters, read at scrape time."""
+        self.registry.register(_PoolCollector(preprocessor))
 
-    def record(self, metrics) -> None:
-        """Record one request's `processing.PreprocessMetrics`."""
-        present = sorted(name for name, m in metrics.modalities.items() if m.items)
+    def record(self, result: PooledResult) -> None:
+        """Record one request's metrics."""
+        m = result.metrics
+        present = sorted(name for name, mm in m.modalities.items() if mm.items)
         self.preprocess_duration.labels("+".join(present) or "text").observe(
-            metrics.queue_seconds + metrics.total_seconds
+            result.queue_seconds + m.total_seconds + result.encode_seconds
         )
-        for name, m in metrics.modalities.items():
-            if m.items:
-                self.items.labels(name).inc(m.items)
-            self.feature_bytes.inc(m.feature_bytes)
-        self.prompt_tokens.inc(metrics.prompt_tokens)
-        self.cache_hits.inc(metrics.cache_hits)
-        self.cache_misses.inc(metrics.cache_misses)
+        for name, mm in m.modalities.items():
+            if mm.items:
+                self.items.labels(name).inc(mm.items)
+            self.feature_bytes.inc(mm.feature_bytes)
+        self.prompt_tokens.inc(m.prompt_tokens)
+        self.cache_hits.inc(m.cache_hits)
+        self.cache_misses.inc(m.cache_misses)

@@ -1,134 +1,122 @@
 """The preprocessor's async facade: a pool of worker processes, each with its own vLLM renderer.
 
-    pre = await Preprocessor.start(PreprocessorConfig(model="/models/llava", workers=4))
-    prompt = await pre.preprocess(PromptInput(text="<image> What is this?", media=(img,)))
+    pre = await Preprocessor.start(ProcessorConfig(model="/models/llava"), PoolConfig(workers=4))
+    result = await pre.preprocess_detailed(PromptInput(text="<image> What is this?", media=(img,)))
+    result.prompt            # convert.EncodedPrompt: the PreprocessedPrompt wire bytes, per item
     await pre.close()
 
 Each worker is a process started with `forkserver` (default; vLLM is imported once in the
 fork server, which is a fresh single-threaded process) or `spawn` — never `fork`: torch and vLLM
 are not fork-safe once this process has threads. Each worker builds its
-`processing.Processor` once (vLLM config, tokenizer, HF processor, processor cache), processes a
-dummy image, and then serves requests one at a time over a pipe. The event loop never runs CPU
-work: requests wait (FIFO) for an idle worker, and a helper thread per busy worker does the
-blocking pipe I/O. At most `max_queue` requests wait; beyond that `ResourceExhausted` is raised
-at once. A worker that dies or exceeds `request_timeout_s` is replaced in the background; its
-request fails with `Unavailable` (retryable).
+`processing.Processor` once (vLLM config, tokenizer, HF processor, processor cache, model
+profile), processes a dummy image, and then serves requests one at a time over a pipe. The event
+loop never runs CPU work: requests wait (FIFO) for an idle worker, and a helper thread per busy
+worker does the blocking pipe I/O. At most `max_queue` requests wait; beyond that
+`ResourceExhausted` is raised at once. A worker that dies or exceeds `request_timeout_s` is
+replaced in the background; its request fails with `Unavailable` (retryable).
 
-`workers=0` runs one `Processor` in this process on a single thread (tests, debugging).
+One wire format: a worker encodes its result into the bytes that go on the wire
+(`convert.encode_prompt`) before handing it over, so the pipe carries a few `bytes` objects
+(pickled without copies of their own) and this process converts no tensor. Errors cross the
+pipe as the `vlm.errors` exceptions themselves (they pickle with every attribute).
 
-Tensors cross the pipe as raw bytes (dtype, shape, data), not through torch's shared-memory
-pickling, so no file descriptors or shared segments outlive a request.
+`workers=0` runs one `Processor` in this process on a single thread (tests, debugging), through
+the same encode step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import dataclasses
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 
-import vlm.errors as errors
-from preprocessor_svc.processing import (
-    PreprocessMetrics,
-    PreprocessorConfig,
-    PreprocessResult,
-    Processor,
-)
+from preprocessor_svc.processing import PreprocessMetrics, Processor, ProcessorConfig
+from vlm.convert import EncodedPrompt, encode_prompt
 from vlm.errors import Internal, ResourceExhausted, Unavailable, VlmError
-from vlm.types import (
-    FieldLayout,
-    Fingerprint,
-    Item,
-    ItemField,
-    Modality,
-    ModelInfo,
-    Placeholder,
-    Prompt,
-    PromptInput,
-)
+from vlm.profile import ModelProfile
+from vlm.types import ModelInfo, Prompt, PromptInput
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Preprocessor", "PreprocessorConfig", "PreprocessResult", "PreprocessMetrics"]
+__all__ = ["PoolConfig", "PoolStats", "PooledResult", "Preprocessor"]
 
 
-# ---------------------------------------------------------------------------------------------
-# Wire format between the parent and a worker process
-# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PoolConfig:
+    """How requests are spread over worker processes."""
+
+    #: Worker processes; 0 = process in this process, on one thread (tests, debugging).
+    workers: int = 1
+    #: Requests allowed to wait for a worker; beyond that, ResourceExhausted.
+    max_queue: int = 64
+    #: Per-request processing deadline in a worker process (the worker is restarted after it).
+    request_timeout_s: float | None = 120.0
+    startup_timeout_s: float = 600.0
+    #: How worker processes start: "forkserver" (vLLM imported once, workers forked from a
+    #: clean single-threaded server; fast starts and restarts) or "spawn". Never "fork".
+    start_method: str = "forkserver"
+
+    def __post_init__(self) -> None:
+        if self.start_method not in ("forkserver", "spawn"):
+            raise ValueError("start_method must be 'forkserver' or 'spawn'")
+        if self.workers < 0:
+            raise ValueError("workers must be >= 0")
+        if self.max_queue < 0:
+            raise ValueError("max_queue must be >= 0")
 
 
-def _pack_tensor(t: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
-    t = t.detach().cpu().contiguous()
-    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return str(t.dtype).removeprefix("torch."), tuple(t.shape), data
+@dataclass(frozen=True)
+class PooledResult:
+    prompt: EncodedPrompt
+    metrics: PreprocessMetrics
+    #: Worker time spent encoding the wire form (after `metrics.total_seconds`).
+    encode_seconds: float
+    #: Time waiting for a worker.
+    queue_seconds: float
+    #: Which worker ran it (index; -1 in-process).
+    worker: int
 
 
-def _unpack_tensor(packed: tuple[str, tuple[int, ...], bytes]) -> torch.Tensor:
-    dtype_name, shape, data = packed
-    dtype = getattr(torch, dtype_name)
-    if not data:
-        return torch.empty(shape, dtype=dtype)
-    # bytearray: the tensor owns writable memory (a view over `bytes` would be read-only).
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+@dataclass(frozen=True)
+class PoolStats:
+    """Gauges and cumulative counters (`*_total`) of the pool, for metrics."""
+
+    workers: int
+    workers_ready: int
+    queue_depth: int
+    in_flight: int
+    max_queue: int
+    cache_bytes: int
+    requests_total: int
+    succeeded_total: int
+    failed_total: int
+    rejected_total: int
+    worker_restarts_total: int
 
 
-def _pack_result(res: PreprocessResult) -> tuple:
-    p = res.prompt
-    items = tuple(
-        (
-            it.modality.value,
-            it.hash,
-            (it.placeholder.offset, it.placeholder.length, it.placeholder.is_embed),
-            None
-            if it.fields is None
-            else tuple(
-                (name, f.layout.value, f.flat_dim, f.keep_on_cpu, _pack_tensor(f.data))
-                for name, f in it.fields.items()
-            ),
-        )
-        for it in p.items
-    )
-    fp = (p.fingerprint.model_id, p.fingerprint.model_impl, p.fingerprint.config_hash)
-    return (fp, p.token_ids, items, p.prompt_text), res.metrics
+def _run(processor: Processor, prompt: PromptInput, kwargs: Mapping[str, Any] | None) -> tuple:
+    """Process one request and encode it: (EncodedPrompt, PreprocessMetrics, encode seconds)."""
+    result = processor.process(prompt, kwargs)
+    t0 = time.perf_counter()
+    encoded = encode_prompt(result.prompt)
+    return encoded, result.metrics, time.perf_counter() - t0
 
 
-def _unpack_result(packed: tuple) -> PreprocessResult:
-    (fp, token_ids, items, prompt_text), metrics = packed
-    out_items = []
-    for modality, h, (offset, length, is_embed), fields in items:
-        out_fields = None
-        if fields is not None:
-            out_fields = {
-                name: ItemField(_unpack_tensor(t), FieldLayout(layout), flat_dim, keep_on_cpu)
-                for name, layout, flat_dim, keep_on_cpu, t in fields
-            }
-        out_items.append(Item(Modality(modality), h, Placeholder(offset, length, is_embed), out_fields))
-    prompt = Prompt(Fingerprint(*fp), tuple(token_ids), tuple(out_items), prompt_text)
-    return PreprocessResult(prompt, metrics)
-
-
-def _error_payload(e: BaseException) -> tuple[str, str, str | None]:
+def _as_vlm_error(e: BaseException) -> VlmError:
     if isinstance(e, VlmError):
-        return type(e).__name__, e.message, e.field
-    return "Internal", f"{type(e).__name__}: {e}", None
-
-
-def _rebuild_error(payload: tuple[str, str, str | None]) -> VlmError:
-    name, message, field = payload
-    cls = getattr(errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, VlmError)) or name == "MissingFeatures":
-        cls = Internal
-    return cls(message, field=field)
+        return e
+    return Internal(f"preprocessing failed: {type(e).__name__}: {e}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,20 +124,20 @@ def _rebuild_error(payload: tuple[str, str, str | None]) -> VlmError:
 # ---------------------------------------------------------------------------------------------
 
 
-def _worker_main(config: PreprocessorConfig, conn: Any, index: int) -> None:
-    """Entry point of a worker process (spawned)."""
+def _worker_main(config: ProcessorConfig, threads: int, conn: Any, index: int) -> None:
+    """Entry point of a worker process."""
     try:
         # Workers are the unit of parallelism: split the cores between them instead of letting
         # each worker's torch use all of them (N workers x all-core thread pools oversubscribe).
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, config.workers)))
-        processor = Processor(config, worker=index)
+        torch.set_num_threads(threads)
+        processor = Processor(config)
         if config.warmup:
             processor.warmup()
-        conn.send(("ready", processor.model_info(), processor.build_seconds))
+        conn.send(("ready", processor.profile, processor.build_seconds))
     except BaseException as e:  # noqa: BLE001 - report any start-up failure to the parent
         logger.exception("preprocessor worker %d failed to start", index)
         with contextlib.suppress(Exception):
-            conn.send(("failed", _error_payload(e)))
+            conn.send(("failed", _as_vlm_error(e)))
         return
     while True:
         try:
@@ -160,12 +148,12 @@ def _worker_main(config: PreprocessorConfig, conn: Any, index: int) -> None:
             return
         prompt, kwargs = msg
         try:
-            out = ("ok", _pack_result(processor.process(prompt, kwargs)))
+            out = ("ok", _run(processor, prompt, kwargs))
         except VlmError as e:
-            out = ("error", _error_payload(e))
+            out = ("error", e)
         except Exception as e:  # noqa: BLE001
             logger.exception("preprocessing failed in worker %d", index)
-            out = ("error", _error_payload(e))
+            out = ("error", _as_vlm_error(e))
         try:
             conn.send(out)
         except (BrokenPipeError, OSError):
@@ -182,6 +170,8 @@ _FORKSERVER_PRELOAD = [
     "vllm.engine.arg_utils",
     "vllm.renderers.registry",
     "preprocessor_svc.processing",
+    "vlm.convert",
+    "vlm.vllm_profile",
 ]
 
 
@@ -196,31 +186,32 @@ def _mp_context(method: str) -> Any:
 
 
 class _ProcessWorker:
-    def __init__(self, index: int, config: PreprocessorConfig) -> None:
+    def __init__(self, index: int, config: ProcessorConfig, pool: PoolConfig) -> None:
         self.index = index
         self.config = config
-        self._ctx = _mp_context(config.start_method)
+        self.pool = pool
+        self._ctx = _mp_context(pool.start_method)
         self._abort = threading.Event()
         self.proc: Any = None
         self.conn: Any = None
-        self.restarts = 0
 
     def abort(self) -> None:
         """Make a start() in progress (e.g. a restart) give up; used by close()."""
         self._abort.set()
 
-    def start(self) -> tuple[ModelInfo, float]:
+    def start(self) -> tuple[ModelProfile, float]:
         """Spawn and wait until the worker's processor is built (blocking)."""
         parent, child = self._ctx.Pipe(duplex=True)
+        threads = max(1, (os.cpu_count() or 1) // max(1, self.pool.workers))
         proc = self._ctx.Process(
             target=_worker_main,
-            args=(self.config, child, self.index),
+            args=(self.config, threads, child, self.index),
             name=f"vlm-preprocessor-{self.index}",
             daemon=True,
         )
         proc.start()
         child.close()
-        deadline = time.monotonic() + self.config.startup_timeout_s
+        deadline = time.monotonic() + self.pool.startup_timeout_s
         try:
             while not parent.poll(0.25):
                 if self._abort.is_set():
@@ -233,7 +224,7 @@ class _ProcessWorker:
                 if time.monotonic() > deadline:
                     raise RuntimeError(
                         f"preprocessor worker {self.index} did not start within "
-                        f"{self.config.startup_timeout_s} s"
+                        f"{self.pool.startup_timeout_s} s"
                     )
             msg = parent.recv()
         except BaseException:
@@ -243,14 +234,13 @@ class _ProcessWorker:
         if msg[0] != "ready":
             _kill(proc)
             parent.close()
-            err = _rebuild_error(msg[1])
-            raise RuntimeError(f"preprocessor worker {self.index} failed to start: {err.message}")
+            raise RuntimeError(f"preprocessor worker {self.index} failed to start: {msg[1].message}")
         self.proc, self.conn = proc, parent
         return msg[1], msg[2]
 
-    def call(self, prompt: PromptInput, kwargs: Mapping[str, Any] | None) -> PreprocessResult:
-        """Run one request (blocking; called on a helper thread)."""
-        timeout = self.config.request_timeout_s
+    def call(self, prompt: PromptInput, kwargs: Mapping[str, Any] | None) -> tuple:
+        """Run one request (blocking; called on a helper thread); see `_run`."""
+        timeout = self.pool.request_timeout_s
         proc, conn = self.proc, self.conn  # stop() (close, timeout) may clear the attributes
         if proc is None or conn is None:
             raise _WorkerLost(f"worker {self.index} is not running")
@@ -269,8 +259,8 @@ class _ProcessWorker:
         except (EOFError, OSError, ValueError) as e:  # ValueError: a closed Connection
             raise _WorkerLost(f"lost the connection to worker {self.index}: {e}") from None
         if status == "ok":
-            return _unpack_result(payload)
-        raise _rebuild_error(payload)
+            return payload
+        raise payload
 
     def stop(self, grace_s: float = 5.0) -> None:
         proc, conn = self.proc, self.conn
@@ -296,27 +286,26 @@ class _InlineWorker:
     """workers=0: the processor lives in this process and runs on one helper thread."""
 
     index = -1
-    restarts = 0
 
-    def __init__(self, config: PreprocessorConfig) -> None:
+    def __init__(self, config: ProcessorConfig) -> None:
         self.config = config
         self.processor: Processor | None = None
 
-    def start(self) -> tuple[ModelInfo, float]:
-        self.processor = Processor(self.config, worker=-1)
+    def start(self) -> tuple[ModelProfile, float]:
+        self.processor = Processor(self.config)
         if self.config.warmup:
             self.processor.warmup()
-        return self.processor.model_info(), self.processor.build_seconds
+        return self.processor.profile, self.processor.build_seconds
 
-    def call(self, prompt: PromptInput, kwargs: Mapping[str, Any] | None) -> PreprocessResult:
+    def call(self, prompt: PromptInput, kwargs: Mapping[str, Any] | None) -> tuple:
         assert self.processor is not None
         try:
-            return self.processor.process(prompt, kwargs)
+            return _run(self.processor, prompt, kwargs)
         except VlmError:
             raise
         except Exception as e:  # noqa: BLE001
             logger.exception("preprocessing failed")
-            raise _rebuild_error(_error_payload(e)) from e
+            raise _as_vlm_error(e) from e
 
     def abort(self) -> None:
         pass
@@ -334,44 +323,35 @@ class _InlineWorker:
 
 
 class Preprocessor:
-    """Async preprocessing service core; create with `await Preprocessor.start(config)`."""
+    """Async preprocessing service core; create with `await Preprocessor.start(config, pool)`."""
 
-    def __init__(self, config: PreprocessorConfig) -> None:
+    def __init__(self, config: ProcessorConfig, pool: PoolConfig) -> None:
         self.config = config
+        self.pool = pool
         self._workers: list[_ProcessWorker | _InlineWorker] = []
         self._idle: asyncio.Queue[Any] = asyncio.Queue()
         self._threads = ThreadPoolExecutor(
-            max_workers=max(1, config.workers), thread_name_prefix="vlm-preprocessor-io"
+            max_workers=max(1, pool.workers), thread_name_prefix="vlm-preprocessor-io"
         )
-        self._info: ModelInfo | None = None
+        self._profile: ModelProfile | None = None
         self._closed = False
         self._restart_tasks: set[asyncio.Task[None]] = set()
         self._waiting = 0
         self._in_flight = 0
         self._restarting = 0
         self.build_seconds: list[float] = []
-        self._counters = dict.fromkeys(
-            (
-                "requests_total",
-                "succeeded_total",
-                "failed_total",
-                "rejected_total",
-                "worker_restarts_total",
-                "cache_hits_total",
-                "cache_misses_total",
-            ),
-            0,
-        )
+        self._requests = self._succeeded = self._failed = self._rejected = self._restarts = 0
         self._cache_bytes: dict[int, int] = {}
 
     @classmethod
-    async def start(cls, config: PreprocessorConfig) -> Preprocessor:
+    async def start(cls, config: ProcessorConfig, pool: PoolConfig | None = None) -> Preprocessor:
         """Start the workers (in parallel) and wait until each has processed a dummy image."""
-        self = cls(config)
-        if config.workers == 0:
+        pool = pool or PoolConfig()
+        self = cls(config, pool)
+        if pool.workers == 0:
             self._workers = [_InlineWorker(config)]
         else:
-            self._workers = [_ProcessWorker(i, config) for i in range(config.workers)]
+            self._workers = [_ProcessWorker(i, config, pool) for i in range(pool.workers)]
         results = await asyncio.gather(
             *(asyncio.to_thread(w.start) for w in self._workers), return_exceptions=True
         )
@@ -380,7 +360,7 @@ class Preprocessor:
             await asyncio.to_thread(self._stop_all)
             self._threads.shutdown(wait=False)
             raise failures[0]
-        self._info = results[0][0]
+        self._profile = results[0][0]
         self.build_seconds = [r[1] for r in results]
         for w in self._workers:
             self._idle.put_nowait(w)
@@ -394,19 +374,24 @@ class Preprocessor:
 
     # -- API -----------------------------------------------------------------------------------
 
+    @property
+    def profile(self) -> ModelProfile:
+        assert self._profile is not None
+        return self._profile
+
     def model_info(self) -> ModelInfo:
-        assert self._info is not None
-        return self._info
+        return self.profile.model_info()
 
     async def preprocess(
         self, prompt: PromptInput, processor_kwargs: Mapping[str, Any] | None = None
     ) -> Prompt:
-        return (await self.preprocess_detailed(prompt, processor_kwargs)).prompt
+        """The decoded domain prompt (library use and tests; the service forwards bytes)."""
+        return (await self.preprocess_detailed(prompt, processor_kwargs)).prompt.decoded
 
     async def preprocess_detailed(
         self, prompt: PromptInput, processor_kwargs: Mapping[str, Any] | None = None
-    ) -> PreprocessResult:
-        """Preprocess one prompt; returns the Prompt with the metrics of this request.
+    ) -> PooledResult:
+        """Preprocess one prompt into its wire form, with the metrics of this request.
 
         Raises the `vlm.errors` classes: InvalidArgument / InvalidMedia / LimitExceeded /
         PromptTooLong for bad requests, ResourceExhausted when the queue is full, Unavailable
@@ -414,9 +399,9 @@ class Preprocessor:
         """
         if self._closed:
             raise Unavailable("the preprocessor is shutting down")
-        self._counters["requests_total"] += 1
-        if self._idle.empty() and self._waiting >= self.config.max_queue:
-            self._counters["rejected_total"] += 1
+        self._requests += 1
+        if self._idle.empty() and self._waiting >= self.pool.max_queue:
+            self._rejected += 1
             raise ResourceExhausted(
                 f"the preprocessing queue is full ({self._waiting} requests waiting for "
                 f"{len(self._workers)} workers); retry later"
@@ -435,35 +420,35 @@ class Preprocessor:
         fut = loop.run_in_executor(self._threads, worker.call, prompt, processor_kwargs)
         fut.add_done_callback(partial(self._on_done, worker))
         try:
-            result: PreprocessResult = await asyncio.shield(fut)
+            encoded, metrics, encode_s = await asyncio.shield(fut)
         except _WorkerLost as e:
-            self._counters["failed_total"] += 1
+            self._failed += 1
             raise Unavailable(f"preprocessing worker lost: {e}; retry") from None
         except VlmError:
-            self._counters["failed_total"] += 1
+            self._failed += 1
             raise
         except Exception as e:  # noqa: BLE001 - e.g. an unpicklable request
-            self._counters["failed_total"] += 1
+            self._failed += 1
             logger.exception("preprocessing failed")
             raise Internal(f"preprocessing failed: {type(e).__name__}: {e}") from e
-        self._counters["succeeded_total"] += 1
-        m = result.metrics
-        self._counters["cache_hits_total"] += m.cache_hits
-        self._counters["cache_misses_total"] += m.cache_misses
-        self._cache_bytes[worker.index] = m.cache_bytes
-        return dataclasses.replace(result, metrics=dataclasses.replace(m, queue_seconds=queue_s))
+        self._succeeded += 1
+        self._cache_bytes[worker.index] = metrics.cache_bytes
+        return PooledResult(encoded, metrics, encode_s, queue_s, worker.index)
 
-    def stats(self) -> dict[str, Any]:
-        """Gauges and counters for metrics (cumulative counters end in `_total`)."""
-        return {
-            "workers": len(self._workers),
-            "workers_ready": len(self._workers) - self._restarting,
-            "queue_depth": self._waiting,
-            "in_flight": self._in_flight,
-            "max_queue": self.config.max_queue,
-            "cache_bytes": sum(self._cache_bytes.values()),
-            **self._counters,
-        }
+    def stats(self) -> PoolStats:
+        return PoolStats(
+            workers=len(self._workers),
+            workers_ready=len(self._workers) - self._restarting,
+            queue_depth=self._waiting,
+            in_flight=self._in_flight,
+            max_queue=self.pool.max_queue,
+            cache_bytes=sum(self._cache_bytes.values()),
+            requests_total=self._requests,
+            succeeded_total=self._succeeded,
+            failed_total=self._failed,
+            rejected_total=self._rejected,
+            worker_restarts_total=self._restarts,
+        )
 
     async def close(self) -> None:
         if self._closed:
@@ -487,10 +472,7 @@ class Preprocessor:
 
     def _on_done(self, worker: Any, fut: asyncio.Future[Any]) -> None:
         self._in_flight -= 1
-        if fut.cancelled():
-            exc: BaseException | None = None
-        else:
-            exc = fut.exception()
+        exc = None if fut.cancelled() else fut.exception()
         if isinstance(exc, _WorkerLost) and not self._closed:
             logger.warning("%s; restarting it", exc)
             self._restarting += 1
@@ -512,8 +494,7 @@ class Preprocessor:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 60.0)
                     continue
-                worker.restarts += 1
-                self._counters["worker_restarts_total"] += 1
+                self._restarts += 1
                 if self._closed:
                     await asyncio.to_thread(worker.stop)
                 else:

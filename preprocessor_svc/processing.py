@@ -8,15 +8,17 @@ configuration, tokenizer and processor files are loaded, never the weights.
 
 What this module adds around the renderer:
 
+* the model profile (`vlm.vllm_profile.build_profile`, the same derivation the model service
+  runs): fingerprint, placeholder tokens and limits behind every check below;
 * media decoding under limits (`preprocessor_svc.media`), with errors naming request fields;
-* a per-request processor-kwargs allow-list (`PROCESSOR_KWARGS`);
+* the per-request processor-kwargs allow-list (`preprocessor_svc.kwargs`);
 * checks vLLM does not do: placeholder count vs. media count, items per modality, prompt length
   after expansion;
 * conversion of vLLM's `MultiModalInput` into `vlm.types.Prompt` (items in prompt order, each
   with its own tensors and field layout) plus metrics for the servicer.
 
 `Processor` is synchronous and single-threaded; `preprocessor_svc.pool.Preprocessor` runs one per
-worker process and exposes the async facade. Importing this module does not import vLLM.
+worker process (which encodes the result to its wire form there) and exposes the async facade. Importing this module does not import vLLM.
 """
 
 from __future__ import annotations
@@ -24,33 +26,17 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
-import os
 import time
-import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-
+from preprocessor_svc.kwargs import PROCESSOR_KWARGS, ProcessorKwargs
 from preprocessor_svc.media import MediaDecoder, MediaLimits
-from vlm.errors import (
-    Internal,
-    InvalidArgument,
-    LimitExceeded,
-    PromptTooLong,
-    VlmError,
-)
-from vlm.fingerprint import compute_fingerprint
+from vlm import vllm_errors
+from vlm.errors import Internal, InvalidArgument, LimitExceeded, PromptTooLong, VlmError
+from vlm.types import Media, Modality, Prompt, PromptInput
 from vlm.vllm_mm import items_from_engine_input
-from vlm.types import (
-    Media,
-    ModalityInfo,
-    Modality,
-    ModelInfo,
-    Prompt,
-    PromptInput,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -60,105 +46,19 @@ MiB = 1 << 20
 MODEL_IMPLS = ("auto", "transformers")
 
 # ---------------------------------------------------------------------------------------------
-# Per-request processor kwargs: the allow-list
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KwargSpec:
-    """One allowed per-request processor option.
-
-    `target` says where it goes: "processor" → vLLM's `mm_processor_kwargs` (passed on to the HF
-    processor); "video_io" → vLLM's `media_io_kwargs["video"]` (the video loader's frame
-    sampling). Both are part of every affected item's hash (vLLM puts them in the hash).
-    A "processor" option is offered only if the model's HF image or video processor declares
-    it; a "video_io" option only if the model takes videos.
-    """
-
-    kind: type
-    target: str
-    minimum: float | None = None
-    maximum: float | None = None
-    #: The value must be strictly greater than `minimum`.
-    exclusive_minimum: bool = False
-    #: MediaLimits attribute that caps the value (e.g. pixels can't exceed max_image_pixels).
-    maximum_from_limit: str | None = None
-    doc: str = ""
-
-
-PROCESSOR_KWARGS: Mapping[str, KwargSpec] = {
-    "max_pixels": KwargSpec(
-        int, "processor", 1, maximum_from_limit="max_image_pixels",
-        doc="Qwen2-VL family: upper bound on pixels after resizing (fewer/more patches).",
-    ),
-    "min_pixels": KwargSpec(
-        int, "processor", 1, maximum_from_limit="max_image_pixels",
-        doc="Qwen2-VL family: lower bound on pixels after resizing.",
-    ),
-    "do_pan_and_scan": KwargSpec(bool, "processor", doc="Gemma 3: extra crops of large images."),
-    "num_frames": KwargSpec(
-        int, "video_io", 1, 1024,
-        doc="Videos: frames sampled uniformly by vLLM's video loader (default 32). Loaders that "
-        "sample by fps (Qwen2-VL) ignore it.",
-    ),
-    "fps": KwargSpec(
-        float, "video_io", 0, 30, exclusive_minimum=True,
-        doc="Videos: sampling rate of vLLM's video loader (the smaller of num_frames and "
-        "duration * fps wins; Qwen2-VL's loader samples by fps only).",
-    ),
-}
-
-
-def _normalize_kwarg(name: str, spec: KwargSpec, value: Any, limits: MediaLimits) -> Any:
-    """Validate one option; ints arriving as integral floats (protobuf Struct) become ints so
-    that equal requests hash equally."""
-    path = f"processor_options.kwargs.{name}"
-    if spec.kind is bool:
-        if not isinstance(value, bool):
-            raise InvalidArgument(f"{name} must be a boolean", field=path)
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidArgument(f"{name} must be a number", field=path)
-    if isinstance(value, float) and not math.isfinite(value):
-        raise InvalidArgument(f"{name} must be finite", field=path)
-    if spec.kind is int:
-        if isinstance(value, float):
-            if not value.is_integer():
-                raise InvalidArgument(f"{name} must be an integer", field=path)
-            value = int(value)
-    else:
-        value = float(value)
-    maximum = spec.maximum
-    if spec.maximum_from_limit is not None:
-        maximum = getattr(limits, spec.maximum_from_limit)
-    if spec.minimum is not None:
-        if spec.exclusive_minimum and value <= spec.minimum:
-            raise InvalidArgument(f"{name} must be greater than {spec.minimum}", field=path)
-        if value < spec.minimum:
-            raise InvalidArgument(f"{name} must be at least {spec.minimum}", field=path)
-    if maximum is not None and value > maximum:
-        raise InvalidArgument(f"{name} must be at most {maximum}", field=path)
-    return value
-
-
-# ---------------------------------------------------------------------------------------------
 # Configuration and results
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class PreprocessorConfig:
-    """Everything a preprocessor (and each of its workers) is built from."""
+class ProcessorConfig:
+    """Everything a `Processor` (one per worker process) is built from."""
 
     #: Local checkpoint directory or hub id (the hub id needs a populated HF cache offline).
     model: str
     #: vLLM's model implementation: "auto" (native classes) or "transformers" (vLLM's
     #: Transformers backend, whose item field layouts differ).
     model_impl: str = "auto"
-    #: Worker processes; 0 = process in this process, on one thread (tests, debugging).
-    workers: int = 1
-    #: Requests allowed to wait for a worker; beyond that, ResourceExhausted.
-    max_queue: int = 64
     #: None: the model's own context length.
     max_model_len: int | None = None
     #: Max items per modality per prompt (vLLM's limit_mm_per_prompt); None: vLLM's default.
@@ -169,8 +69,8 @@ class PreprocessorConfig:
     trust_remote_code: bool = False
     tokenizer: str | None = None
     revision: str | None = None
-    #: vLLM's dtype ("auto", "bfloat16", ...). Float pixel values come out in this dtype, so
-    #: it must resolve to the model service's dtype (the fingerprint does not cover it).
+    #: vLLM's dtype ("auto", "bfloat16", ...). Float pixel values come out in this dtype; it is
+    #: part of the fingerprint, so it must resolve to the model service's dtype.
     dtype: str = "auto"
     #: Deployment-wide processor kwargs (vLLM's --mm-processor-kwargs).
     mm_processor_kwargs: Mapping[str, Any] | None = None
@@ -178,24 +78,12 @@ class PreprocessorConfig:
     media_io_kwargs: Mapping[str, Mapping[str, Any]] | None = None
     #: Subset of PROCESSOR_KWARGS offered to requests; None: all that apply to the model.
     allowed_processor_kwargs: frozenset[str] | None = None
-    #: Per-request processing deadline in a worker process (the worker is restarted after it).
-    request_timeout_s: float | None = 120.0
-    startup_timeout_s: float = 600.0
-    #: Process one dummy image in each worker at start-up.
+    #: Process one dummy image at start-up.
     warmup: bool = True
-    #: How worker processes start: "forkserver" (vLLM imported once, workers forked from a
-    #: clean single-threaded server; fast starts and restarts) or "spawn". Never "fork".
-    start_method: str = "forkserver"
 
     def __post_init__(self) -> None:
         if self.model_impl not in MODEL_IMPLS:
             raise ValueError(f"model_impl must be one of {MODEL_IMPLS}, not {self.model_impl!r}")
-        if self.start_method not in ("forkserver", "spawn"):
-            raise ValueError("start_method must be 'forkserver' or 'spawn'")
-        if self.workers < 0:
-            raise ValueError("workers must be >= 0")
-        if self.max_queue < 0:
-            raise ValueError("max_queue must be >= 0")
         if self.cache_bytes < 0:
             raise ValueError("cache_bytes must be >= 0")
         unknown = set(self.allowed_processor_kwargs or ()) - set(PROCESSOR_KWARGS)
@@ -233,11 +121,6 @@ class PreprocessMetrics:
     cache_misses: int = 0
     #: Bytes held by this worker's processor cache after the request.
     cache_bytes: int = 0
-    #: Time waiting for a worker (set by the pool).
-    queue_seconds: float = 0.0
-    #: Which worker ran it (index; -1 in-process) and its pid.
-    worker: int = -1
-    pid: int = 0
 
 
 @dataclass(frozen=True)
@@ -264,13 +147,14 @@ class _MediaRef:
 class Processor:
     """vLLM's renderer for one model, plus the checks and conversions around it. Not thread-safe."""
 
-    def __init__(self, config: PreprocessorConfig, *, worker: int = -1) -> None:
+    def __init__(self, config: ProcessorConfig) -> None:
         from vllm.engine.arg_utils import EngineArgs
         from vllm.renderers.registry import renderer_from_config
 
+        from vlm.vllm_profile import build_profile
+
         t0 = time.perf_counter()
         self.config = config
-        self.worker = worker
         engine_args = EngineArgs(**_engine_kwargs(config))
         self.vllm_config = engine_args.create_engine_config()
         self.model_config = mc = self.vllm_config.model_config
@@ -284,70 +168,21 @@ class Processor:
         # renderer uses for `skip_mm_cache=True`) keeps the full items: use that one.
         self._mm_cache = getattr(self.renderer, "_mm_processor_only_cache", None)
         self.max_model_len: int = mc.max_model_len
-        # The same digest the model service computes (vlm.fingerprint): config, processor and
-        # tokenizer files, model_impl and vLLM's release.
-        self.fingerprint = compute_fingerprint(
-            config.model, config.model_impl, revision=config.revision
+        # The same derivation the model service runs (fingerprint, placeholders, limits, EOS).
+        self.profile, _ = build_profile(
+            self.vllm_config, self.renderer,
+            model=config.model, model_impl=config.model_impl, revision=config.revision,
         )
-        self._modalities = self._build_modalities()
-        self._count_tokens = {m.modality.value: t for m, t in self._modalities}
         self.decoder = self._build_decoder()
-        self.allowed_kwargs = self._build_allowed_kwargs()
+        self.kwargs = ProcessorKwargs.for_model(
+            self.mm_processor,
+            takes_video=Modality.VIDEO in self.profile.modalities,
+            limits=config.media_limits,
+            wanted=config.allowed_processor_kwargs,
+        )
         self.build_seconds = time.perf_counter() - t0
 
     # -- start-up -----------------------------------------------------------------------------
-
-    def _build_modalities(self) -> list[tuple[ModalityInfo, int | None]]:
-        """Per supported modality: its info and the token whose count must equal the items'."""
-        if self.mm_processor is None:
-            return []
-        from vllm.model_executor.model_loader.utils import get_model_cls
-
-        info = self.mm_processor.info
-        supported = [m.value for m in Modality if m.value in info.get_supported_mm_limits()]
-        allowed = info.allowed_mm_limits
-        model_cls = get_model_cls(self.model_config)
-        texts: dict[str, str] = {}
-        for m in supported:
-            text = None
-            with contextlib.suppress(Exception):
-                text = model_cls.get_placeholder_str(m, 1)
-            if not text:
-                text = self.mm_processor.dummy_inputs.get_dummy_text({m: 1})
-            texts[m] = text
-        ids = {m: self.tokenizer.encode(t, add_special_tokens=False) for m, t in texts.items()}
-        special: set[int] = set(getattr(self.tokenizer, "all_special_ids", ()) or ())
-        with contextlib.suppress(Exception):
-            special |= set(self.tokenizer.get_added_vocab().values())
-        out = []
-        for m in supported:
-            others = {t for o in supported if o != m for t in ids[o]}
-            distinct = [t for t in ids[m] if t not in others]
-            if len(set(distinct)) > 1:  # e.g. a SentencePiece "▁" before the placeholder
-                distinct = [t for t in distinct if self.tokenizer.decode([t]).strip()] or distinct
-            if len(set(distinct)) > 1:
-                distinct = [t for t in distinct if t in special] or distinct
-            count_token = distinct[0] if len(set(distinct)) == 1 else None
-            if count_token is None:
-                logger.warning(
-                    "%s: no single placeholder token for %s (%r); the placeholder count check "
-                    "is off for it",
-                    self.config.model,
-                    m,
-                    texts[m],
-                )
-            out.append(
-                (
-                    ModalityInfo(
-                        modality=Modality(m),
-                        placeholder_token_ids=tuple(distinct) or tuple(ids[m]),
-                        placeholder_text=texts[m],
-                        max_items_per_prompt=int(allowed.get(m, 0)),
-                    ),
-                    count_token,
-                )
-            )
-        return out
 
     def _build_decoder(self) -> MediaDecoder:
         from vllm.multimodal.video import get_video_loader_backend_for_processor
@@ -356,7 +191,7 @@ class Processor:
         mm_config = self.model_config.multimodal_config
         io_kwargs = dict(mm_config.media_io_kwargs or {}) if mm_config is not None else {}
         backend = None
-        if "video" in self._count_tokens:
+        if Modality.VIDEO in self.profile.modalities:
             with contextlib.suppress(Exception):
                 backend = get_video_loader_backend_for_processor(
                     get_video_processor_cls_name(self.model_config)
@@ -368,63 +203,18 @@ class Processor:
             video_backend=backend,
         )
 
-    def _build_allowed_kwargs(self) -> dict[str, KwargSpec]:
-        wanted = self.config.allowed_processor_kwargs
-        names = set(PROCESSOR_KWARGS) if wanted is None else set(wanted)
-        hf_names: set[str] | None = None
-        if self.mm_processor is not None:
-            try:
-                hf = self.mm_processor.info.get_hf_processor()
-                hf_names = set()
-                for attr in ("image_processor", "video_processor"):
-                    sub = getattr(hf, attr, None)
-                    valid = getattr(sub, "valid_kwargs", None)
-                    if valid is not None:
-                        hf_names |= set(typing.get_type_hints(valid))
-            except Exception:  # noqa: BLE001 - can't introspect: offer the documented list
-                hf_names = None
-        out = {}
-        for name in sorted(names):
-            spec = PROCESSOR_KWARGS[name]
-            if spec.target == "video_io" and "video" not in self._count_tokens:
-                continue
-            if spec.target == "processor" and (
-                self.mm_processor is None or (hf_names is not None and name not in hf_names)
-            ):
-                continue
-            out[name] = spec
-        return out
-
-    def model_info(self) -> ModelInfo:
-        eos: list[int] = []
-        if self.tokenizer.eos_token_id is not None:
-            eos.append(int(self.tokenizer.eos_token_id))
-        with contextlib.suppress(Exception):
-            gen_eos = self.model_config.try_get_generation_config().get("eos_token_id")
-            for t in [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or ()):
-                if int(t) not in eos:
-                    eos.append(int(t))
-        return ModelInfo(
-            model_id=self.config.model,
-            fingerprint=self.fingerprint,
-            max_model_len=self.max_model_len,
-            vocab_size=int(self.model_config.get_vocab_size()),
-            eos_token_ids=tuple(eos),
-            modalities=tuple(m for m, _ in self._modalities),
-        )
-
     def warmup(self) -> None:
         """Process one dummy image (checks that every field is a single tensor), then clear the
         cache so that the warm-up does not count."""
-        if "image" not in self._count_tokens:
+        image = self.profile.modalities.get(Modality.IMAGE)
+        if image is None:
             return
         from PIL import Image
 
         buf = io.BytesIO()
         Image.new("RGB", (64, 64), (127, 127, 127)).save(buf, "PNG")
-        placeholder = next(m.placeholder_text for m, _ in self._modalities if m.modality == Modality.IMAGE)
         try:
-            self.process(PromptInput(text=placeholder, media=(Media(Modality.IMAGE, buf.getvalue()),)))
+            self.process(PromptInput(text=image.placeholder_text, media=(Media(Modality.IMAGE, buf.getvalue()),)))
         except VlmError as e:
             raise RuntimeError(
                 f"{self.config.model}: warm-up failed, vLLM cannot process an image for this "
@@ -442,7 +232,7 @@ class Processor:
         t_start = time.perf_counter()
         kind = _input_kind(prompt)
         prompt_field = _INPUT_FIELDS[kind]
-        hf_kwargs, video_io = self._split_kwargs(processor_kwargs)
+        hf_kwargs, video_io = self.kwargs.split(processor_kwargs)
         refs = self._media_refs(prompt, kind)
         self._check_items(refs, kind)
 
@@ -529,29 +319,8 @@ class Processor:
             cache_hits=hits,
             cache_misses=misses,
             cache_bytes=cache_bytes,
-            worker=self.worker,
-            pid=os.getpid(),
         )
         return PreprocessResult(result_prompt, metrics)
-
-    def _split_kwargs(
-        self, kwargs: Mapping[str, Any] | None
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        hf: dict[str, Any] = {}
-        video_io: dict[str, Any] = {}
-        for name, value in (kwargs or {}).items():
-            spec = self.allowed_kwargs.get(name)
-            if spec is None:
-                offered = ", ".join(sorted(self.allowed_kwargs)) or "none"
-                raise InvalidArgument(
-                    f"unknown or not allowed processor option {name!r} for this model "
-                    f"(allowed: {offered})",
-                    field=f"processor_options.kwargs.{name}",
-                )
-            value = _normalize_kwarg(name, spec, value, self.config.media_limits)
-            (hf if spec.target == "processor" else video_io)[name] = value
-        # Stable order: the hash covers these dicts in iteration order.
-        return dict(sorted(hf.items())), dict(sorted(video_io.items()))
 
     def _media_refs(self, prompt: PromptInput, kind: str) -> list[_MediaRef]:
         if kind != "messages":
@@ -572,7 +341,7 @@ class Processor:
         return refs
 
     def _check_items(self, refs: Sequence[_MediaRef], kind: str) -> None:
-        limits = {m.modality.value: m.max_items_per_prompt for m, _ in self._modalities}
+        limits = {m.value: mp.max_items for m, mp in self.profile.modalities.items()}
         counts: dict[str, int] = {}
         for ref in refs:
             m = ref.media.modality
@@ -651,8 +420,8 @@ class Processor:
         counts: dict[str, int] = {}
         for ref in refs:
             counts[ref.media.modality.value] = counts.get(ref.media.modality.value, 0) + 1
-        for info, token in self._modalities:
-            m = info.modality.value
+        for modality, mp in self.profile.modalities.items():
+            m, token = modality.value, mp.count_token_id
             if token is None:
                 continue
             found = sum(1 for t in ids if t == token)
@@ -660,7 +429,7 @@ class Processor:
             if found != want:
                 where = "the rendered chat prompt" if kind == "messages" else "the prompt"
                 raise InvalidArgument(
-                    f"{where} has {found} {m} placeholder(s) ({info.placeholder_text!r}) but "
+                    f"{where} has {found} {m} placeholder(s) ({mp.placeholder_text!r}) but "
                     f"{want} {m} item(s) were given; put exactly one placeholder per item",
                     field=prompt_field,
                 )
@@ -671,7 +440,7 @@ class Processor:
             if item.fields is None:
                 raise Internal(f"vLLM returned no features for {item.modality.value} item {item.hash}")
         ids = tuple(int(t) for t in engine_input["prompt_token_ids"])
-        return Prompt(self.fingerprint, ids, items, prompt_text)
+        return Prompt(self.profile.fingerprint, ids, items, prompt_text)
 
     # -- stats ---------------------------------------------------------------------------------
 
@@ -680,7 +449,7 @@ class Processor:
         return int(getattr(cache, "currsize", 0) or 0)
 
 
-def _engine_kwargs(config: PreprocessorConfig) -> dict[str, Any]:
+def _engine_kwargs(config: ProcessorConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(
         model=config.model,
         model_impl=config.model_impl,
@@ -719,28 +488,14 @@ def _input_kind(prompt: PromptInput) -> str:
 
 @contextlib.contextmanager
 def _vllm_errors(prompt_field: str, stage: str) -> Iterator[None]:
-    """Translate vLLM / HF errors raised while rendering or processing."""
-    from vllm.exceptions import VLLMValidationError
-
+    """Translate vLLM / HF errors raised while rendering or processing (`vlm.vllm_errors`)."""
     try:
         yield
-    except VlmError:
-        raise
-    except VLLMValidationError as e:
-        if e.parameter in ("input_tokens", "input_text"):
-            raise PromptTooLong(str(e), field=prompt_field) from None
-        raise InvalidArgument(f"{stage} failed: {e}", field=prompt_field) from None
-    except (ValueError, TypeError, KeyError, IndexError, AssertionError) as e:
-        logger.debug("%s failed", stage, exc_info=True)
-        text = str(e).strip() or type(e).__name__
-        raise InvalidArgument(f"{stage} failed: {text[:500]}", field=prompt_field) from None
-    except RuntimeError as e:
-        # vLLM's processor could not place the items' placeholders in this prompt (e.g. a
-        # placeholder glued to neighbouring text that tokenizes differently): a prompt problem.
-        if "prompt placeholders" in str(e):
-            raise InvalidArgument(f"{stage} failed: {str(e)[:500]}", field=prompt_field) from None
-        raise
     except Exception as e:  # noqa: BLE001
-        if type(e).__module__.startswith("jinja2"):
-            raise InvalidArgument(f"chat template failed: {e}", field=prompt_field) from None
+        err = vllm_errors.translate(e, vllm_errors.processing(prompt_field, stage))
+        if err is None:
+            raise
+        if err is not e:
+            logger.debug("%s failed", stage, exc_info=True)
+            raise err from None
         raise

@@ -4,7 +4,8 @@
 - `ModelClient`: `generate` over a preprocessed prompt with hash-only resend: items whose
   hashes the model service was recently sent go as hash-only; if the service answers
   FAILED_PRECONDITION / MISSING_FEATURES before streaming, the missing items are resent with
-  their fields once.
+  their fields once. `generate_raw` does the same on the wire form (`convert.EncodedPrompt`
+  in, serialized `GenerateResponse`s out, nothing parsed): the preprocessor's relay.
 - `check_health`: the standard grpc.health.v1 Check.
 
 Errors surface as `vlm.errors.UpstreamError` carrying the status code, the reason and the field
@@ -23,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vlm import convert, types
 from vlm.errors import UpstreamError
+from vlm.common.v1 import generation_pb2 as gen_pb
 from vlm.model.v1 import model_pb2, model_pb2_grpc
 from vlm.preprocessor.v1 import preprocessor_pb2 as pre_pb
 from vlm.preprocessor.v1 import preprocessor_pb2_grpc
@@ -60,49 +62,56 @@ class _Client:
 class ModelClient(_Client):
     """Client of `vlm.model.v1.ModelService`."""
 
+    _GENERATE = "/vlm.model.v1.ModelService/Generate"
+
     def __init__(
         self, target: str, *, channel: grpc.aio.Channel | None = None, remember_hashes: int = 4096
     ) -> None:
         super().__init__(target, channel=channel)
         self._stub = model_pb2_grpc.ModelServiceStub(self.channel)
+        # Generate on the wire form: bytes in, bytes out (no serializers).
+        self._generate_raw = self.channel.unary_stream(self._GENERATE)
         self._sent: OrderedDict[str, None] = OrderedDict()
         self._remember = remember_hashes
 
-    def _mark_sent(self, hashes: list[str]) -> None:
+    def _mark_sent(self, hashes: tuple[str, ...]) -> None:
         for h in hashes:
             self._sent[h] = None
             self._sent.move_to_end(h)
         while len(self._sent) > self._remember:
             self._sent.popitem(last=False)
 
-    async def generate(
+    async def generate_raw(
         self,
-        prompt: types.Prompt,
-        sampling: types.Sampling,
+        prompt: convert.EncodedPrompt,
+        sampling: types.Sampling | gen_pb.SamplingParams,
         *,
         request_id: str = "",
         metadata: tuple[tuple[str, str], ...] = (),
         hash_only: bool = True,
-    ) -> AsyncIterator[types.Chunk]:
-        """Stream chunks. With `hash_only`, items already sent travel as hashes."""
+        timeout: float | None = None,
+    ) -> AsyncIterator[bytes]:
+        """Stream serialized `vlm.model.v1.GenerateResponse` messages. With `hash_only`, items
+        already sent travel as hashes; MISSING_FEATURES before the first message resends those
+        items with their fields, once."""
         request_id = request_id or uuid.uuid4().hex
-        omit = {i.hash for i in prompt.items if i.hash in self._sent} if hash_only else set()
-        sampling_pb = convert.sampling_to_pb(sampling)
+        hashes = prompt.hashes
+        omit = {h for h in hashes if h in self._sent} if hash_only else set()
+        if isinstance(sampling, types.Sampling):
+            sampling = convert.sampling_to_pb(sampling)
         md = (("x-request-id", request_id), *metadata)
         for attempt in range(2):
-            req = model_pb2.GenerateRequest(
-                request_id=request_id,
-                prompt=convert.prompt_to_pb(prompt, omit_fields_for=omit),
-                sampling=sampling_pb,
+            req = convert.model_generate_request_bytes(
+                request_id, prompt, sampling, omit_fields_for=omit
             )
-            call = self._stub.Generate(req, metadata=md)
+            call = self._generate_raw(req, metadata=md, timeout=timeout)
             started = False
             try:
                 async for resp in call:
                     if not started:
                         started = True
-                        self._mark_sent([i.hash for i in prompt.items])
-                    yield convert.chunk_from_pb(resp.chunk)
+                        self._mark_sent(hashes)
+                    yield resp
                 return
             except grpc.aio.AioRpcError as err:
                 exc = upstream_error(err)
@@ -119,6 +128,26 @@ class ModelClient(_Client):
                 raise exc from None
             finally:
                 call.cancel()  # no-op when finished; aborts upstream when we stop early
+
+    async def generate(
+        self,
+        prompt: types.Prompt | convert.EncodedPrompt,
+        sampling: types.Sampling,
+        *,
+        request_id: str = "",
+        metadata: tuple[tuple[str, str], ...] = (),
+        hash_only: bool = True,
+    ) -> AsyncIterator[types.Chunk]:
+        """Stream chunks (see `generate_raw`)."""
+        encoded = prompt if isinstance(prompt, convert.EncodedPrompt) else convert.encode_prompt(prompt)
+        stream = self.generate_raw(
+            encoded, sampling, request_id=request_id, metadata=metadata, hash_only=hash_only
+        )
+        try:
+            async for raw in stream:
+                yield convert.chunk_from_pb(model_pb2.GenerateResponse.FromString(raw).chunk)
+        finally:
+            await stream.aclose()
 
     async def abort(self, request_id: str) -> bool:
         try:

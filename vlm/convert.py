@@ -3,11 +3,21 @@
 Decoders validate structure (enums set, oneofs present, tensors well-formed) and raise
 `InvalidArgument` naming the offending field as a dotted path into the request. Semantic checks
 (placeholders vs. tokens, limits, fingerprints) belong to each service's domain code.
+
+A preprocessed prompt has one serialisation, its wire form: `encode_prompt` turns a `Prompt`
+into an `EncodedPrompt` (the `PreprocessedPrompt` bytes, kept per item so that any item can be
+sent hash-only without re-encoding), in the preprocessor's worker process. From there on the
+prompt stays bytes: `preprocess_response_bytes` and `model_generate_request_bytes` frame it
+into the outgoing messages by concatenation (protobuf's wire format allows a message's fields,
+and a repeated field's elements, to be written one after another), so the event loop converts
+no tensor and parses nothing it forwards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from google.protobuf import json_format
@@ -16,6 +26,7 @@ from vlm import codec, types
 from vlm.common.v1 import generation_pb2 as gen_pb
 from vlm.common.v1 import multimodal_pb2 as mm_pb
 from vlm.errors import InvalidArgument
+from vlm.model.v1 import model_pb2
 
 # ---------------------------------------------------------------------------------- enums
 
@@ -162,12 +173,15 @@ def processor_kwargs_to_pb(kwargs: dict[str, Any] | None) -> mm_pb.ProcessorOpti
 
 def fingerprint_to_pb(f: types.Fingerprint) -> mm_pb.ModelFingerprint:
     return mm_pb.ModelFingerprint(
-        model_id=f.model_id, model_impl=f.model_impl, config_hash=f.config_hash
+        model_id=f.model_id,
+        model_impl=f.model_impl,
+        config_hash=f.config_hash,
+        feature_dtype=f.feature_dtype,
     )
 
 
 def fingerprint_from_pb(msg: mm_pb.ModelFingerprint) -> types.Fingerprint:
-    return types.Fingerprint(msg.model_id, msg.model_impl, msg.config_hash)
+    return types.Fingerprint(msg.model_id, msg.model_impl, msg.config_hash, msg.feature_dtype)
 
 
 def item_to_pb(item: types.Item) -> mm_pb.MultiModalItem:
@@ -224,20 +238,6 @@ def item_from_pb(
     return types.Item(modality=modality, hash=msg.hash, placeholder=placeholder, fields=fields)
 
 
-def prompt_to_pb(
-    p: types.Prompt, *, omit_fields_for: Iterable[str] = ()
-) -> mm_pb.PreprocessedPrompt:
-    omit = set(omit_fields_for)
-    out = mm_pb.PreprocessedPrompt(
-        fingerprint=fingerprint_to_pb(p.fingerprint),
-        token_ids=list(p.token_ids),
-        items=[item_to_pb(i.without_fields() if i.hash in omit else i) for i in p.items],
-    )
-    if p.prompt_text is not None:
-        out.prompt_text = p.prompt_text
-    return out
-
-
 def prompt_from_pb(
     msg: mm_pb.PreprocessedPrompt,
     *,
@@ -253,6 +253,104 @@ def prompt_from_pb(
         ),
         prompt_text=msg.prompt_text if msg.HasField("prompt_text") else None,
     )
+
+
+# ---------------------------------------------------------------------------------- wire form
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _message_field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (an embedded message) on the wire."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+_ITEMS = mm_pb.PreprocessedPrompt.DESCRIPTOR.fields_by_name["items"].number
+_RESPONSE_PROMPT = 1  # PreprocessResponse.prompt (checked against the descriptor in tests)
+_REQUEST_PROMPT = model_pb2.GenerateRequest.DESCRIPTOR.fields_by_name["prompt"].number
+
+
+@dataclass(frozen=True)
+class EncodedItem:
+    hash: str
+    #: This item as a `MultiModalItem` field of `PreprocessedPrompt`: with its features, and
+    #: hash-only (no fields).
+    full: bytes
+    bare: bytes
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A `PreprocessedPrompt` in wire form: everything but the items, then each item."""
+
+    head: bytes
+    items: tuple[EncodedItem, ...]
+
+    @property
+    def hashes(self) -> tuple[str, ...]:
+        return tuple(it.hash for it in self.items)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.head) + sum(len(it.full) for it in self.items)
+
+    def to_bytes(self, omit_fields_for: Collection[str] = ()) -> bytes:
+        """The serialized `PreprocessedPrompt`; items whose hash is in `omit_fields_for` go
+        hash-only."""
+        return b"".join(
+            [self.head, *(it.bare if it.hash in omit_fields_for else it.full for it in self.items)]
+        )
+
+    @cached_property
+    def decoded(self) -> types.Prompt:
+        """The domain prompt (tensors are read-only views over this object's bytes)."""
+        return prompt_from_pb(mm_pb.PreprocessedPrompt.FromString(self.to_bytes()))
+
+
+def encode_prompt(p: types.Prompt) -> EncodedPrompt:
+    head = mm_pb.PreprocessedPrompt(
+        fingerprint=fingerprint_to_pb(p.fingerprint), token_ids=list(p.token_ids)
+    )
+    if p.prompt_text is not None:
+        head.prompt_text = p.prompt_text
+    items = tuple(
+        EncodedItem(
+            hash=it.hash,
+            full=_message_field(_ITEMS, item_to_pb(it).SerializeToString()),
+            bare=_message_field(_ITEMS, item_to_pb(it.without_fields()).SerializeToString()),
+        )
+        for it in p.items
+    )
+    return EncodedPrompt(head.SerializeToString(), items)
+
+
+def preprocess_response_bytes(
+    p: EncodedPrompt, *, omit_fields_for: Collection[str] = ()
+) -> bytes:
+    """A serialized `vlm.preprocessor.v1.PreprocessResponse` holding `p`."""
+    return _message_field(_RESPONSE_PROMPT, p.to_bytes(omit_fields_for))
+
+
+def model_generate_request_bytes(
+    request_id: str,
+    p: EncodedPrompt,
+    sampling: gen_pb.SamplingParams,
+    *,
+    omit_fields_for: Collection[str] = (),
+) -> bytes:
+    """A serialized `vlm.model.v1.GenerateRequest`."""
+    rest = model_pb2.GenerateRequest(request_id=request_id, sampling=sampling).SerializeToString()
+    return rest + _message_field(_REQUEST_PROMPT, p.to_bytes(omit_fields_for))
 
 
 # ---------------------------------------------------------------------------------- sampling

@@ -27,6 +27,9 @@ class VlmError(Exception):
         self.message = message
         self.field = field
 
+    def __reduce__(self):  # noqa: ANN204 - pickles (across process pools) with every attribute
+        return _rebuild, (type(self), self.message, dict(self.__dict__))
+
     def details(self) -> str:
         return f"{self.field}: {self.message}" if self.field else self.message
 
@@ -77,11 +80,6 @@ class MissingFeatures(FailedPrecondition):
         )
 
 
-class NotFound(VlmError):
-    code = grpc.StatusCode.NOT_FOUND
-    reason = "NOT_FOUND"
-
-
 class AlreadyExists(VlmError):
     code = grpc.StatusCode.ALREADY_EXISTS
     reason = "ALREADY_EXISTS"
@@ -99,11 +97,6 @@ class Unavailable(VlmError):
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = "UNAVAILABLE"
-
-
-class Cancelled(VlmError):
-    code = grpc.StatusCode.CANCELLED
-    reason = "CANCELLED"
 
 
 class Internal(VlmError):
@@ -128,3 +121,10 @@ class UpstreamError(VlmError):
         self.reason = reason
         self.upstream_field = field
         self.missing_hashes = tuple(missing_hashes)
+
+
+def _rebuild(cls: type[VlmError], message: str, state: dict) -> VlmError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    return err

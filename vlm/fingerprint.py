@@ -1,7 +1,10 @@
 """Model fingerprint: what a preprocessed prompt was prepared for.
 
-Both services compute it the same way, with `compute_fingerprint(model, model_impl)`, and the
-model service refuses prompts whose fingerprint differs from its own (`ModelMismatch`).
+Both services compute it the same way, with `compute_fingerprint(model, model_impl,
+feature_dtype=...)` (called by `vlm.vllm_profile.build_profile`), and the model service refuses
+prompts whose fingerprint differs from its own (`ModelMismatch`). `feature_dtype` is vLLM's
+resolved model dtype: float features (pixel values) leave the processor in it, so two sides
+whose `--dtype` resolves differently cannot exchange them.
 
 `config_hash` is a SHA-256 over
 
@@ -106,10 +109,14 @@ def config_digest(model_dir: Path, model_impl: str, *, vllm_version: str | None 
 
 
 def compute_fingerprint(
-    model: str, model_impl: str = "auto", *, revision: str | None = None
+    model: str, model_impl: str = "auto", *, feature_dtype: str, revision: str | None = None
 ) -> Fingerprint:
-    """The fingerprint of `model` (local dir or cached hub id) served with `model_impl`."""
+    """The fingerprint of `model` (local dir or cached hub id) served with `model_impl`, its float
+    features travelling in `feature_dtype` (vLLM's resolved model dtype, e.g. "bfloat16")."""
     model_dir = resolve_model_dir(model, revision=revision)
     return Fingerprint(
-        model_id=model, model_impl=model_impl, config_hash=config_digest(model_dir, model_impl)
+        model_id=model,
+        model_impl=model_impl,
+        config_hash=config_digest(model_dir, model_impl),
+        feature_dtype=feature_dtype,
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
 
 import torch
 
@@ -139,10 +138,22 @@ class Fingerprint:
     model_id: str
     model_impl: str
     config_hash: str
+    #: The dtype float features travel in ("bfloat16", "float32", ...): vLLM's model dtype.
+    feature_dtype: str
 
     def same_model(self, other: Fingerprint) -> bool:
         # model_id is informational (a hub id on one side may be a local path on the other).
-        return self.model_impl == other.model_impl and self.config_hash == other.config_hash
+        return (
+            self.model_impl == other.model_impl
+            and self.config_hash == other.config_hash
+            and self.feature_dtype == other.feature_dtype
+        )
+
+    def describe(self) -> str:
+        return (
+            f"{self.model_id!r} (impl {self.model_impl!r}, config {self.config_hash[:12]}, "
+            f"features {self.feature_dtype or '?'})"
+        )
 
 
 @dataclass(frozen=True)
@@ -241,5 +252,3 @@ class Load:
     feature_store_items: int = 0
     feature_store_bytes: int = 0
 
-
-JsonDict = dict[str, Any]

@@ -17,9 +17,10 @@ import pytest_asyncio
 from PIL import Image
 
 from model_svc.app import ModelApp
-from model_svc.engine import EngineConfig
+from model_svc.config import EngineConfig
 from preprocessor_svc.app import PreprocessorApp
-from preprocessor_svc.processing import PreprocessorConfig
+from preprocessor_svc.pool import PoolConfig
+from preprocessor_svc.processing import ProcessorConfig
 from vlm.client import ModelClient, PreprocessorClient
 from vlm.server import ServerOptions
 from vlm.testing.tiny_models import build_tiny_model
@@ -76,13 +77,13 @@ async def start_pipeline(arch: str, root: Path, **engine_overrides) -> Pipeline:
     )
     try:
         pre = await PreprocessorApp.start(
-            PreprocessorConfig(
+            ProcessorConfig(
                 model=str(model_dir),
                 model_impl=args.get("model_impl", "auto"),
-                workers=1,
                 max_model_len=1024,
                 dtype="float32",
             ),
+            PoolConfig(workers=1),
             ServerOptions(grace_s=1.0),
             model_target=f"127.0.0.1:{model.grpc.port}",
         )

@@ -18,7 +18,7 @@ from vlm.testing.tiny_models import SPECS
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session")]
 
-VLM = [sys.executable, "-m", "vlm.cli"]
+VLM = [sys.executable, "-m", "vlm_cli.main"]
 
 
 async def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ from vlm.common.v1 import generation_pb2 as gen_pb
 from vlm.common.v1 import multimodal_pb2 as mm_pb
 from vlm.errors import InvalidArgument
 
-FP = types.Fingerprint("tiny/llava", "auto", "abc123")
+FP = types.Fingerprint("tiny/llava", "auto", "abc123", "bfloat16")
 
 
 def _prompt() -> types.Prompt:
@@ -40,9 +40,13 @@ def _prompt() -> types.Prompt:
     )
 
 
+def _pb(p: types.Prompt, omit=()) -> mm_pb.PreprocessedPrompt:
+    return mm_pb.PreprocessedPrompt.FromString(convert.encode_prompt(p).to_bytes(omit))
+
+
 def test_prompt_round_trip_through_bytes() -> None:
     p = _prompt()
-    wire = mm_pb.PreprocessedPrompt.FromString(convert.prompt_to_pb(p).SerializeToString())
+    wire = mm_pb.PreprocessedPrompt.FromString(convert.encode_prompt(p).to_bytes())
     back = convert.prompt_from_pb(wire)
     assert back.fingerprint == p.fingerprint and back.token_ids == p.token_ids
     assert back.prompt_text == p.prompt_text
@@ -57,32 +61,32 @@ def test_prompt_round_trip_through_bytes() -> None:
 
 def test_hash_only_items() -> None:
     p = _prompt()
-    wire = convert.prompt_to_pb(p, omit_fields_for={"h-video"})
+    wire = _pb(p, omit={"h-video"})
     assert len(wire.items[0].fields) == 2 and len(wire.items[1].fields) == 0
     back = convert.prompt_from_pb(wire)
     assert back.items[1].fields is None and back.items[1].hash == "h-video"
 
 
 def test_item_errors_name_the_field() -> None:
-    wire = convert.prompt_to_pb(_prompt())
+    wire = _pb(_prompt())
     wire.items[1].modality = mm_pb.MODALITY_UNSPECIFIED
     with pytest.raises(InvalidArgument) as exc:
         convert.prompt_from_pb(wire)
     assert exc.value.field == "prompt.items[1].modality"
 
-    wire = convert.prompt_to_pb(_prompt())
+    wire = _pb(_prompt())
     wire.items[0].fields["pixel_values"].tensor.data = b"short"
     with pytest.raises(InvalidArgument) as exc:
         convert.prompt_from_pb(wire)
     assert exc.value.field == "prompt.items[0].fields.pixel_values.tensor.data"
 
-    wire = convert.prompt_to_pb(_prompt())
+    wire = _pb(_prompt())
     wire.items[0].fields["pixel_values"].layout = mm_pb.FIELD_LAYOUT_UNSPECIFIED
     with pytest.raises(InvalidArgument) as exc:
         convert.prompt_from_pb(wire)
     assert exc.value.field == "prompt.items[0].fields.pixel_values.layout"
 
-    wire = convert.prompt_to_pb(_prompt())
+    wire = _pb(_prompt())
     wire.items[0].hash = ""
     with pytest.raises(InvalidArgument) as exc:
         convert.prompt_from_pb(wire)
@@ -146,3 +150,45 @@ def test_processor_kwargs_integral_numbers_become_ints() -> None:
     back = convert.processor_kwargs_from_pb(mm_pb.ProcessorOptions.FromString(opts.SerializeToString()))
     assert back == {"max_pixels": 313600, "fps": 1.5, "do_resize": True}
     assert isinstance(back["max_pixels"], int)
+
+
+def test_encoded_prompt_frames_into_outgoing_messages() -> None:
+    """The wire form is spliced into PreprocessResponse / model GenerateRequest by concatenation;
+    the result must parse as the message a generated serializer would have written."""
+    from vlm.model.v1 import model_pb2
+    from vlm.preprocessor.v1 import preprocessor_pb2 as pre_pb
+
+    p = _prompt()
+    enc = convert.encode_prompt(p)
+    assert enc.hashes == ("h-image", "h-video") and enc.nbytes > 6 * 8 * 2
+    assert enc.decoded.items[1].placeholder == p.items[1].placeholder
+
+    resp = pre_pb.PreprocessResponse.FromString(
+        convert.preprocess_response_bytes(enc, omit_fields_for={"h-image"})
+    )
+    assert resp.prompt == _pb(p, omit={"h-image"})
+    assert len(resp.prompt.items[0].fields) == 0 and len(resp.prompt.items[1].fields) == 1
+
+    sampling = convert.sampling_to_pb(types.Sampling(max_tokens=7, temperature=0.5))
+    req = model_pb2.GenerateRequest.FromString(
+        convert.model_generate_request_bytes("rid", enc, sampling)
+    )
+    assert req.request_id == "rid" and req.sampling == sampling and req.prompt == _pb(p)
+    expected = model_pb2.GenerateRequest(request_id="rid", sampling=sampling, prompt=_pb(p))
+    assert model_pb2.GenerateRequest.FromString(expected.SerializeToString()) == req
+
+
+def test_relayed_generate_responses_have_one_layout() -> None:
+    """The preprocessor relays the model service's GenerateResponse bytes as its own."""
+    from vlm.model.v1 import model_pb2
+    from vlm.preprocessor.v1 import preprocessor_pb2 as pre_pb
+
+    def layout(msg):
+        return [(f.name, f.number, f.type, f.message_type and f.message_type.full_name)
+                for f in msg.DESCRIPTOR.fields]
+
+    assert layout(model_pb2.GenerateResponse) == layout(pre_pb.GenerateResponse)
+    assert layout(pre_pb.PreprocessResponse) == [("prompt", 1, 11, "vlm.common.v1.PreprocessedPrompt")]
+    chunk = convert.chunk_to_pb(types.Chunk("r", (1, 2), "hi"))
+    raw = model_pb2.GenerateResponse(chunk=chunk).SerializeToString()
+    assert pre_pb.GenerateResponse.FromString(raw).chunk == chunk

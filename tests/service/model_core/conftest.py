@@ -19,7 +19,9 @@ import pytest
 import pytest_asyncio
 from PIL import Image
 
-from model_svc.engine import Engine, EngineConfig, RequestStats
+from model_svc.config import EngineConfig
+from model_svc.engine import Engine
+from model_svc.stats import RequestStats
 from vlm.testing.prompts import make_renderer, render_prompt
 from vlm.testing.tiny_models import SPECS, build_tiny_model
 from vlm.types import Prompt

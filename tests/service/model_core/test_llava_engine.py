@@ -69,7 +69,7 @@ def test_model_info(llava):
     assert img.placeholder_text == "<image>"
     assert img.max_items_per_prompt >= 2
     # Start-up probe: LLaVA's CLIP pixels have a fixed shape, hence a fixed embed count.
-    spec = llava.engine.spec.modalities[Modality.IMAGE]
+    spec = llava.engine.profile.modalities[Modality.IMAGE]
     assert spec.fields["pixel_values"].shape == (3, 32, 32)
     assert spec.fixed_embed_count == 16
     print(f"\nllava engine start {llava.start_seconds:.1f}s {llava.engine.startup_seconds}")
@@ -353,6 +353,6 @@ async def test_prompt_through_the_wire_format(llava):
 
     prompt = llava.prompt(TWO, image=[image(22), image(23)])
     direct = tokens(await collect(llava.engine, prompt, GREEDY16))
-    wire = multimodal_pb2.PreprocessedPrompt.FromString(convert.prompt_to_pb(prompt).SerializeToString())
+    wire = multimodal_pb2.PreprocessedPrompt.FromString(convert.encode_prompt(prompt).to_bytes())
     decoded = convert.prompt_from_pb(wire)
     assert tokens(await collect(llava.engine, decoded, GREEDY16)) == direct

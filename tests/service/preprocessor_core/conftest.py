@@ -28,7 +28,8 @@ from typing import Any
 import pytest
 import torch
 
-from preprocessor_svc.processing import PreprocessorConfig, PreprocessResult, Processor
+from preprocessor_svc.pool import PoolConfig
+from preprocessor_svc.processing import PreprocessResult, Processor, ProcessorConfig
 from vlm import convert
 from vlm.errors import VlmError
 from vlm.types import Prompt, PromptInput
@@ -64,7 +65,7 @@ def tiny_model(tiny_model_root):
 class ServiceThread:
     """The real preprocessor gRPC service on its own event loop, called with a sync stub."""
 
-    def __init__(self, config: PreprocessorConfig) -> None:
+    def __init__(self, config: ProcessorConfig) -> None:
         import grpc
 
         from vlm.preprocessor.v1 import preprocessor_pb2_grpc
@@ -77,11 +78,13 @@ class ServiceThread:
         self.stub = preprocessor_pb2_grpc.PreprocessorServiceStub(self._channel)
 
     @staticmethod
-    async def _start(config: PreprocessorConfig):
+    async def _start(config: ProcessorConfig):
         from preprocessor_svc.app import PreprocessorApp
         from vlm.server import ServerOptions
 
-        return await PreprocessorApp.start(config, ServerOptions(metrics_port=None, grace_s=0))
+        return await PreprocessorApp.start(
+            config, PoolConfig(workers=0), ServerOptions(metrics_port=None, grace_s=0)
+        )
 
     def preprocess(self, prompt: PromptInput, kwargs: dict[str, Any] | None = None) -> Prompt:
         """One Preprocess RPC; a failed call raises grpc.RpcError."""
@@ -193,7 +196,7 @@ def process_both(
 class CheckedProcessor:
     """A Processor whose `process` also runs over its own real service (see `process_both`)."""
 
-    def __init__(self, config: PreprocessorConfig) -> None:
+    def __init__(self, config: ProcessorConfig) -> None:
         self.processor = Processor(config)
         self.service = ServiceThread(config)
 
@@ -240,7 +243,7 @@ def arch_env(tiny_model):
                 pytest.skip(f"vLLM 0.32 cannot process {arch} (see test_arch_vllm_cannot_process)")
             model_dir = tiny_model(arch)
             t0 = time.perf_counter()
-            processor = Processor(PreprocessorConfig(model=str(model_dir), model_impl=model_impl, workers=0))
+            processor = Processor(ProcessorConfig(model=str(model_dir), model_impl=model_impl))
             t1 = time.perf_counter()
             processor.warmup()
             t2 = time.perf_counter()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from preprocessor_svc.processing import PreprocessorConfig
+from preprocessor_svc.processing import ProcessorConfig
 from tests.service.preprocessor_core.conftest import CheckedProcessor
 from tests.unit.preprocessor.samples import blank_image_bytes, image_bytes, video_bytes
 from vlm.errors import InvalidArgument, InvalidMedia, LimitExceeded, PromptTooLong
@@ -40,8 +40,8 @@ def llava_small(tiny_model):
     """llava with a 2-image limit and a 48-token context (one image expands to 16 tokens),
     checked in-process and over its own real gRPC service."""
     checked = CheckedProcessor(
-        PreprocessorConfig(
-            model=str(tiny_model("llava")), workers=0, limit_mm_per_prompt={"image": 2}, max_model_len=48
+        ProcessorConfig(
+            model=str(tiny_model("llava")), limit_mm_per_prompt={"image": 2}, max_model_len=48
         )
     )
     yield checked
@@ -94,7 +94,7 @@ def test_unsupported_modality(llava):
 
 def test_items_per_prompt_limit(llava_small):
     t = "<image>"
-    assert llava_small.model_info().modalities[0].max_items_per_prompt == 2
+    assert llava_small.profile.model_info().modalities[0].max_items_per_prompt == 2
     llava_small.process(PromptInput(text=f"{t}{t}", media=(img(),) * 2))
     raises(LimitExceeded, "media", llava_small.process, PromptInput(text=f"{t}{t}{t}", media=(img(),) * 3))
     parts = tuple(ChatPart(media=img()) for _ in range(3))
@@ -140,7 +140,7 @@ def test_processor_kwargs_rejected(arch_env, kwargs, name):
 def test_processor_kwargs_model_specific(llava):
     """max_pixels is Qwen2-VL's: LLaVA's processor would ignore it (yet it would change the
     hash), so it is refused."""
-    assert "max_pixels" not in llava.processor.allowed_kwargs
+    assert "max_pixels" not in llava.processor.kwargs.offered
     raises(InvalidArgument, "processor_options.kwargs.max_pixels", llava.process,
            PromptInput(text="<image>", media=(img(),)), {"max_pixels": 1000})
 

@@ -29,7 +29,7 @@ def test_one_image(arch_env, arch):
     ref = env.ref_completion({"prompt": text, "multi_modal_data": {"image": [env.ref_image(IMG_A)]}})
     assert_matches_reference(res.prompt, ref)
     assert len(res.prompt.items) == 1 and res.prompt.prompt_text == text
-    assert res.prompt.fingerprint == env.processor.fingerprint
+    assert res.prompt.fingerprint == env.processor.profile.fingerprint
     assert res.metrics.modalities["image"].items == 1
     assert res.metrics.prompt_tokens == len(res.prompt.token_ids)
     assert res.metrics.modalities["image"].feature_bytes == res.prompt.items[0].nbytes > 0
@@ -227,7 +227,7 @@ def test_arch_vllm_cannot_process(tiny_model, arch):
     FuyuProcessor a text whose image tokens don't match, for every image): vLLM's own renderer
     fails on one image, and our processor refuses to start with that reason."""
     from tests.service.preprocessor_core.conftest import make_reference
-    from preprocessor_svc.processing import PreprocessorConfig, Processor
+    from preprocessor_svc.processing import Processor, ProcessorConfig
     from vlm.testing.tiny_models import SPECS
 
     if SPECS.get(arch) is None or SPECS[arch].runs_in_vllm:
@@ -240,8 +240,8 @@ def test_arch_vllm_cannot_process(tiny_model, arch):
         reference.render_cmpl(
             [{"prompt": f"a {SPECS[arch].image_token}", "multi_modal_data": {"image": [ImageMediaIO().load_bytes(IMG_A)]}}]
         )
-    processor = Processor(PreprocessorConfig(model=str(model_dir), workers=0))
+    processor = Processor(ProcessorConfig(model=str(model_dir)))
     with pytest.raises(RuntimeError, match="warm-up failed.*Failed to apply"):
         processor.warmup()
-    info = processor.model_info()
+    info = processor.profile.model_info()
     assert info.modalities[0].placeholder_text == SPECS[arch].image_token

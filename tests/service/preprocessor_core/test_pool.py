@@ -11,7 +11,8 @@ import pytest
 import pytest_asyncio
 
 from preprocessor_svc.pool import Preprocessor
-from preprocessor_svc.processing import PreprocessorConfig
+from preprocessor_svc.pool import PoolConfig
+from preprocessor_svc.processing import ProcessorConfig
 from tests.service.preprocessor_core.conftest import assert_matches_reference
 from tests.unit.preprocessor.samples import image_bytes
 from vlm.errors import InvalidArgument, InvalidMedia, ResourceExhausted, Unavailable
@@ -28,7 +29,7 @@ def request(*images: bytes) -> PromptInput:
 @pytest_asyncio.fixture(scope="module")
 async def pool(tiny_model):
     t0 = time.perf_counter()
-    pre = await Preprocessor.start(PreprocessorConfig(model=str(tiny_model("llava")), workers=2, max_queue=16))
+    pre = await Preprocessor.start(ProcessorConfig(model=str(tiny_model("llava"))), PoolConfig(workers=2, max_queue=16))
     pre.start_seconds = time.perf_counter() - t0
     yield pre
     await pre.close()
@@ -45,14 +46,15 @@ async def test_workers_match_vllm_and_hashes_are_stable_across_processes(pool, a
     for _ in range(10):
         results = await asyncio.gather(*(pool.preprocess_detailed(request(IMG_A, IMG_B)) for _ in range(4)))
         for res in results:
-            assert_matches_reference(res.prompt, ref)
-            seen[res.metrics.pid] = [it.hash for it in res.prompt.items]
+            assert_matches_reference(res.prompt.decoded, ref)
+            seen[res.worker] = list(res.prompt.hashes)
         if len(seen) == 2:
             break
-    assert len(seen) == 2 and os.getpid() not in seen, seen
+    assert sorted(seen) == [0, 1], seen
     expected = [it.hash for it in in_process.prompt.items]
     assert all(hashes == expected for hashes in seen.values())
-    assert pool.model_info() == env.processor.model_info()
+    assert pool.model_info() == env.processor.profile.model_info()
+    assert pool.profile == env.processor.profile
 
 
 async def test_errors_cross_the_process_boundary(pool):
@@ -70,11 +72,10 @@ async def test_errors_cross_the_process_boundary(pool):
 async def test_stats(pool):
     await pool.preprocess(request(IMG_A))
     s = pool.stats()
-    assert s["workers"] == s["workers_ready"] == 2
-    assert s["queue_depth"] == 0 and s["in_flight"] == 0
-    assert s["requests_total"] >= s["succeeded_total"] >= 1
-    assert s["cache_hits_total"] >= 1 and s["cache_misses_total"] >= 2
-    assert s["cache_bytes"] > 0
+    assert s.workers == s.workers_ready == 2
+    assert s.queue_depth == 0 and s.in_flight == 0
+    assert s.requests_total >= s.succeeded_total >= 1
+    assert s.cache_bytes > 0
 
 
 async def test_event_loop_not_blocked(pool):
@@ -98,19 +99,18 @@ async def test_dead_worker_is_replaced(pool):
     """A worker killed mid-service fails its request with Unavailable (retryable) and is
     replaced in the background."""
     victim = pool._idle._queue[0]  # the next worker to get a request
-    victim_pid = victim.proc.pid
-    os.kill(victim_pid, signal.SIGKILL)
+    os.kill(victim.proc.pid, signal.SIGKILL)
     victim.proc.join(10)
     with pytest.raises(Unavailable):
         await pool.preprocess(request(IMG_A))
-    assert pool.stats()["workers_ready"] == 1
+    assert pool.stats().workers_ready == 1
     other = await pool.preprocess_detailed(request(IMG_B))  # the surviving worker still serves
-    assert other.metrics.pid != victim_pid
+    assert other.worker != victim.index
     deadline = time.monotonic() + 120
-    while pool.stats()["workers_ready"] < 2:
+    while pool.stats().workers_ready < 2:
         assert time.monotonic() < deadline, "the worker was not replaced"
         await asyncio.sleep(0.5)
-    assert pool.stats()["worker_restarts_total"] == 1
+    assert pool.stats().worker_restarts_total == 1
     await asyncio.gather(*(pool.preprocess(request(IMG_A)) for _ in range(4)))
 
 
@@ -122,15 +122,14 @@ async def test_spawned_worker_agrees(tiny_model, arch_env):
     env = arch_env("llava")
     expected = [it.hash for it in env.processor.process(request(IMG_B, IMG_A)).prompt.items]
     pre = await Preprocessor.start(
-        PreprocessorConfig(
-            model=str(tiny_model("llava")), workers=1, start_method="spawn", warmup=False, cache_bytes=0
-        )
+        ProcessorConfig(model=str(tiny_model("llava")), warmup=False, cache_bytes=0),
+        PoolConfig(workers=1, start_method="spawn"),
     )
     try:
         for _ in range(2):  # twice: no cache, so the second is processed again
             res = await pre.preprocess_detailed(request(IMG_B, IMG_A))
-            assert res.metrics.pid != os.getpid()
-            assert [it.hash for it in res.prompt.items] == expected
+            assert res.worker == 0
+            assert list(res.prompt.hashes) == expected
             assert (res.metrics.cache_hits, res.metrics.cache_misses) == (0, 0)
     finally:
         await pre.close()
@@ -138,7 +137,7 @@ async def test_spawned_worker_agrees(tiny_model, arch_env):
 
 @pytest_asyncio.fixture(scope="module")
 async def inline(tiny_model):
-    pre = await Preprocessor.start(PreprocessorConfig(model=str(tiny_model("llava")), workers=0, max_queue=1))
+    pre = await Preprocessor.start(ProcessorConfig(model=str(tiny_model("llava"))), PoolConfig(workers=0, max_queue=1))
     yield pre
     await pre.close()
 
@@ -147,21 +146,21 @@ async def test_inline_mode(inline, arch_env):
     env = arch_env("llava")
     res = await inline.preprocess_detailed(request(IMG_B))
     ref = env.ref_completion({"prompt": request(IMG_B).text, "multi_modal_data": {"image": [env.ref_image(IMG_B)]}})
-    assert_matches_reference(res.prompt, ref)
-    assert res.metrics.worker == -1 and res.metrics.pid == os.getpid()
+    assert_matches_reference(res.prompt.decoded, ref)
+    assert res.worker == -1
 
 
 async def test_queue_bound(inline):
     """One request runs, max_queue=1 waits, the rest are refused at once."""
     results = await asyncio.gather(*(inline.preprocess(request(IMG_A)) for _ in range(4)), return_exceptions=True)
     assert [type(r).__name__ for r in results] == ["Prompt", "Prompt", "ResourceExhausted", "ResourceExhausted"]
-    assert inline.stats()["rejected_total"] == 2
+    assert inline.stats().rejected_total == 2
     assert isinstance(results[2], ResourceExhausted)
 
 
 async def test_close_refuses_and_wakes_waiters(tiny_model):
     pre = await Preprocessor.start(
-        PreprocessorConfig(model=str(tiny_model("llava")), workers=0, max_queue=4, warmup=False)
+        ProcessorConfig(model=str(tiny_model("llava")), warmup=False), PoolConfig(workers=0, max_queue=4)
     )
     tasks = [asyncio.create_task(pre.preprocess(request(IMG_A))) for _ in range(3)]
     await asyncio.sleep(0)

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from model_svc.engine import EngineConfig, add_engine_cli_args
+from model_svc.config import EngineConfig, add_engine_cli_args
 
 
 def test_cli_args_pass_through_to_vllm(tmp_path):

@@ -10,11 +10,11 @@ from vllm.v1.engine.exceptions import EngineDeadError
 
 from model_svc.engine import Engine
 from model_svc.feature_store import FeatureStore
-from model_svc.validation import ModelSpec
+from vlm.profile import ModelProfile
 from vlm.errors import AlreadyExists, InvalidArgument, Unavailable
 from vlm.types import FinishReason, Fingerprint, ModelInfo, Prompt, Sampling
 
-FP = Fingerprint("fake", "auto", "h")
+FP = Fingerprint("fake", "auto", "h", "float32")
 
 
 def _out(rid, tokens, finished=False, reason=None):
@@ -75,10 +75,10 @@ class Recorder:
 
 
 def make_engine(llm: FakeLLM | None = None):
-    spec = ModelSpec(fingerprint=FP, vocab_size=100, max_model_len=1000, max_logprobs=5)
-    info = ModelInfo("fake", FP, 1000, 100, (1,))
+    profile = ModelProfile(fingerprint=FP, vocab_size=100, max_model_len=1000, max_logprobs=5,
+                           eos_token_ids=(1,))
     rec = Recorder()
-    eng = Engine(llm or FakeLLM(), spec=spec, model_info=info, feature_store=FeatureStore(1000), metrics=rec)
+    eng = Engine(llm or FakeLLM(), profile=profile, feature_store=FeatureStore(1000), metrics=rec)
     return eng, rec
 
 

@@ -6,7 +6,7 @@ from model_svc.engine_input import PromptToEngineInput, SamplingToParams
 from vlm.vllm_mm import items_from_engine_input
 from vlm.types import FieldLayout, Fingerprint, Item, ItemField, Modality, Placeholder, Prompt, Sampling
 
-FP = Fingerprint("m", "auto", "h")
+FP = Fingerprint("m", "auto", "h", "float32")
 
 
 def qwen_like(h: str, rows: int, offset: int, modality=Modality.IMAGE, is_embed=None) -> Item:

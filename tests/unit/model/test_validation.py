@@ -8,13 +8,9 @@ import pytest
 import torch
 
 from model_svc.engine_input import SamplingToParams
-from model_svc.validation import (
-    FieldSpec,
-    Limits,
-    ModalitySpec,
-    ModelSpec,
-    PromptValidator,
-)
+from model_svc.config import Limits
+from model_svc.validation import PromptValidator
+from vlm.profile import FieldSpec, ModalityProfile, ModelProfile
 from vlm.errors import InvalidArgument, LimitExceeded, ModelMismatch, PromptTooLong
 from vlm.types import (
     FieldLayout,
@@ -27,32 +23,30 @@ from vlm.types import (
     Sampling,
 )
 
-FP = Fingerprint("tiny", "auto", "abc")
+FP = Fingerprint("tiny", "auto", "abc", "float32")
 IMG, VID, BREAK = 9, 8, 7  # placeholder tokens; BREAK is a structural (non-embed) token
 
-SPEC = ModelSpec(
+SPEC = ModelProfile(
     fingerprint=FP,
     vocab_size=100,
     max_model_len=64,
     max_logprobs=5,
     modalities={
-        Modality.IMAGE: ModalitySpec(
+        Modality.IMAGE: ModalityProfile(
             modality=Modality.IMAGE,
             placeholder_token_ids=frozenset({IMG}),
             placeholder_text="<image>",
             max_items=2,
-            max_embeds_per_item=16,
             fields={
                 "pixel_values": FieldSpec("pixel_values", FieldLayout.BATCHED, torch.float32, 0, False, (3, 4, 4)),
             },
             fixed_embed_count=4,
         ),
-        Modality.VIDEO: ModalitySpec(
+        Modality.VIDEO: ModalityProfile(
             modality=Modality.VIDEO,
             placeholder_token_ids=frozenset({VID}),
             placeholder_text="<video>",
             max_items=1,
-            max_embeds_per_item=16,
             fields={
                 "pixel_values_videos": FieldSpec(
                     "pixel_values_videos", FieldLayout.FLAT, torch.float32, 0, False, (None, 12), rows_per_grid=1
@@ -107,10 +101,12 @@ def test_valid_prompt_passes():
 
 
 def test_fingerprint():
-    check(prompt(GOOD_TOKENS, GOOD.items, fp=Fingerprint("tiny", "auto", "other")), ModelMismatch, "prompt.fingerprint")
-    check(prompt(GOOD_TOKENS, GOOD.items, fp=Fingerprint("tiny", "transformers", "abc")), ModelMismatch, "prompt.fingerprint")
+    check(prompt(GOOD_TOKENS, GOOD.items, fp=Fingerprint("tiny", "auto", "other", "float32")), ModelMismatch, "prompt.fingerprint")
+    check(prompt(GOOD_TOKENS, GOOD.items, fp=Fingerprint("tiny", "transformers", "abc", "float32")), ModelMismatch, "prompt.fingerprint")
+    # features prepared in another dtype than the model's
+    check(prompt(GOOD_TOKENS, GOOD.items, fp=Fingerprint("tiny", "auto", "abc", "bfloat16")), ModelMismatch, "prompt.fingerprint")
     # model_id is informational only
-    PromptValidator(SPEC).validate_prompt(prompt(GOOD_TOKENS, GOOD.items, fp=Fingerprint("/path/x", "auto", "abc")))
+    PromptValidator(SPEC).validate_prompt(prompt(GOOD_TOKENS, GOOD.items, fp=Fingerprint("/path/x", "auto", "abc", "float32")))
 
 
 def test_token_ids():
@@ -132,8 +128,11 @@ def test_modality_and_limits():
     toks = [IMG] * 12
     three = [image_item(0, h="a"), image_item(4, h="b"), image_item(8, h="c")]
     check(prompt(toks, three), LimitExceeded, "prompt.items[2]")
-    check(prompt(toks[:8], three[:2]), LimitExceeded, "prompt.items[1]",
-          limits=Limits(max_items_per_prompt={Modality.IMAGE: 1}))
+    one = dataclasses.replace(SPEC.modalities[Modality.IMAGE], max_items=1)
+    single = dataclasses.replace(SPEC, modalities={**SPEC.modalities, Modality.IMAGE: one})
+    with pytest.raises(LimitExceeded) as e:
+        PromptValidator(single).validate_prompt(prompt(toks[:8], three[:2]))
+    assert e.value.field == "prompt.items[1]"
     check(GOOD, LimitExceeded, "prompt.items", limits=Limits(max_feature_bytes_per_prompt=100))
 
 
@@ -170,7 +169,8 @@ def test_placeholder_tokens():
 def test_embed_budget():
     toks = [IMG] * 20
     item = image_item(0, length=20, fields=False)
-    check(prompt(toks, [item]), LimitExceeded, "prompt.items[0].placeholder.length")
+    check(prompt(toks, [item]), LimitExceeded, "prompt.items[0].placeholder.length",
+          limits=Limits(max_embeds_per_item=16))
 
 
 def _with_fields(item: Item, **fields) -> Item:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import pytest
 
 from preprocessor_svc.media import MediaLimits
-from preprocessor_svc.processing import PROCESSOR_KWARGS, PreprocessorConfig, _normalize_kwarg
+from preprocessor_svc.kwargs import PROCESSOR_KWARGS, normalize_kwarg
+from preprocessor_svc.pool import PoolConfig
+from preprocessor_svc.processing import ProcessorConfig
 from vlm.errors import InvalidArgument
 
 LIMITS = MediaLimits(max_image_pixels=1_000_000)
 
 
 def norm(name, value):
-    return _normalize_kwarg(name, PROCESSOR_KWARGS[name], value, LIMITS)
+    return normalize_kwarg(name, PROCESSOR_KWARGS[name], value, LIMITS)
 
 
 def test_integral_floats_become_ints():
@@ -53,10 +55,13 @@ def test_every_kwarg_is_documented():
 
 
 def test_config_validation():
-    PreprocessorConfig(model="m")
+    ProcessorConfig(model="m")
+    PoolConfig()
     with pytest.raises(ValueError):
-        PreprocessorConfig(model="m", model_impl="vllm-native")
+        ProcessorConfig(model="m", model_impl="vllm-native")
     with pytest.raises(ValueError):
-        PreprocessorConfig(model="m", workers=-1)
+        PoolConfig(workers=-1)
     with pytest.raises(ValueError):
-        PreprocessorConfig(model="m", allowed_processor_kwargs=frozenset({"nope"}))
+        PoolConfig(start_method="fork")
+    with pytest.raises(ValueError):
+        ProcessorConfig(model="m", allowed_processor_kwargs=frozenset({"nope"}))

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from vlm.common.v1 import tensor_pb2 as vlm_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1evlm/common/v1/multimodal.proto\x12\rvlm.common.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1avlm/common/v1/tensor.proto\"S\n\x05Media\x12)\n\x08modality\x18\x01 \x01(\x0e\x32\x17.vlm.common.v1.Modality\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x11\n\tmime_type\x18\x03 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"L\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\x05media\x18\x02 \x01(\x0b\x32\x14.vlm.common.v1.MediaH\x00\x42\x06\n\x04part\"H\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12+\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x1a.vlm.common.v1.ContentPart\"z\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.vlm.common.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\x86\x01\n\x0bPromptInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x17.vlm.common.v1.TokenIdsH\x00\x12/\n\x08messages\x18\x03 \x01(\x0b\x32\x1b.vlm.common.v1.ChatMessagesH\x00\x42\x08\n\x06prompt\"\x85\x01\n\tItemField\x12%\n\x06tensor\x18\x01 \x01(\x0b\x32\x15.vlm.common.v1.Tensor\x12*\n\x06layout\x18\x02 \x01(\x0e\x32\x1a.vlm.common.v1.FieldLayout\x12\x10\n\x08\x66lat_dim\x18\x03 \x01(\x05\x12\x13\n\x0bkeep_on_cpu\x18\x04 \x01(\x08\"D\n\x10PlaceholderRange\x12\x0e\n\x06offset\x18\x01 \x01(\r\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x10\n\x08is_embed\x18\x03 \x03(\x08\"\x83\x02\n\x0eMultiModalItem\x12)\n\x08modality\x18\x01 \x01(\x0e\x32\x17.vlm.common.v1.Modality\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12\x34\n\x0bplaceholder\x18\x03 \x01(\x0b\x32\x1f.vlm.common.v1.PlaceholderRange\x12\x39\n\x06\x66ields\x18\x04 \x03(\x0b\x32).vlm.common.v1.MultiModalItem.FieldsEntry\x1aG\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.vlm.common.v1.ItemField:\x02\x38\x01\"M\n\x10ModelFingerprint\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nmodel_impl\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x03 \x01(\t\"\xb5\x01\n\x12PreprocessedPrompt\x12\x34\n\x0b\x66ingerprint\x18\x01 \x01(\x0b\x32\x1f.vlm.common.v1.ModelFingerprint\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12,\n\x05items\x18\x03 \x03(\x0b\x32\x1d.vlm.common.v1.MultiModalItem\x12\x18\n\x0bprompt_text\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x0e\n\x0c_prompt_text\";\n\x10ProcessorOptions\x12\'\n\x06kwargs\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct*`\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODALITY_IMAGE\x10\x01\x12\x12\n\x0eMODALITY_VIDEO\x10\x02\x12\x12\n\x0eMODALITY_AUDIO\x10\x03*u\n\x0b\x46ieldLayout\x12\x1c\n\x18\x46IELD_LAYOUT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46IELD_LAYOUT_BATCHED\x10\x01\x12\x15\n\x11\x46IELD_LAYOUT_FLAT\x10\x02\x12\x17\n\x13\x46IELD_LAYOUT_SHARED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1evlm/common/v1/multimodal.proto\x12\rvlm.common.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1avlm/common/v1/tensor.proto\"S\n\x05Media\x12)\n\x08modality\x18\x01 \x01(\x0e\x32\x17.vlm.common.v1.Modality\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x11\n\tmime_type\x18\x03 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"L\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\x05media\x18\x02 \x01(\x0b\x32\x14.vlm.common.v1.MediaH\x00\x42\x06\n\x04part\"H\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12+\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x1a.vlm.common.v1.ContentPart\"z\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.vlm.common.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\x86\x01\n\x0bPromptInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x17.vlm.common.v1.TokenIdsH\x00\x12/\n\x08messages\x18\x03 \x01(\x0b\x32\x1b.vlm.common.v1.ChatMessagesH\x00\x42\x08\n\x06prompt\"\x85\x01\n\tItemField\x12%\n\x06tensor\x18\x01 \x01(\x0b\x32\x15.vlm.common.v1.Tensor\x12*\n\x06layout\x18\x02 \x01(\x0e\x32\x1a.vlm.common.v1.FieldLayout\x12\x10\n\x08\x66lat_dim\x18\x03 \x01(\x05\x12\x13\n\x0bkeep_on_cpu\x18\x04 \x01(\x08\"D\n\x10PlaceholderRange\x12\x0e\n\x06offset\x18\x01 \x01(\r\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x10\n\x08is_embed\x18\x03 \x03(\x08\"\x83\x02\n\x0eMultiModalItem\x12)\n\x08modality\x18\x01 \x01(\x0e\x32\x17.vlm.common.v1.Modality\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12\x34\n\x0bplaceholder\x18\x03 \x01(\x0b\x32\x1f.vlm.common.v1.PlaceholderRange\x12\x39\n\x06\x66ields\x18\x04 \x03(\x0b\x32).vlm.common.v1.MultiModalItem.FieldsEntry\x1aG\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.vlm.common.v1.ItemField:\x02\x38\x01\"d\n\x10ModelFingerprint\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nmodel_impl\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x03 \x01(\t\x12\x15\n\rfeature_dtype\x18\x04 \x01(\t\"\xb5\x01\n\x12PreprocessedPrompt\x12\x34\n\x0b\x66ingerprint\x18\x01 \x01(\x0b\x32\x1f.vlm.common.v1.ModelFingerprint\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12,\n\x05items\x18\x03 \x03(\x0b\x32\x1d.vlm.common.v1.MultiModalItem\x12\x18\n\x0bprompt_text\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x0e\n\x0c_prompt_text\";\n\x10ProcessorOptions\x12\'\n\x06kwargs\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct*`\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODALITY_IMAGE\x10\x01\x12\x12\n\x0eMODALITY_VIDEO\x10\x02\x12\x12\n\x0eMODALITY_AUDIO\x10\x03*u\n\x0b\x46ieldLayout\x12\x1c\n\x18\x46IELD_LAYOUT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46IELD_LAYOUT_BATCHED\x10\x01\x12\x15\n\x11\x46IELD_LAYOUT_FLAT\x10\x02\x12\x17\n\x13\x46IELD_LAYOUT_SHARED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MULTIMODALITEM_FIELDSENTRY']._loaded_options = None
   _globals['_MULTIMODALITEM_FIELDSENTRY']._serialized_options = b'8\001'
-  _globals['_MODALITY']._serialized_start=1422
-  _globals['_MODALITY']._serialized_end=1518
-  _globals['_FIELDLAYOUT']._serialized_start=1520
-  _globals['_FIELDLAYOUT']._serialized_end=1637
+  _globals['_MODALITY']._serialized_start=1445
+  _globals['_MODALITY']._serialized_end=1541
+  _globals['_FIELDLAYOUT']._serialized_start=1543
+  _globals['_FIELDLAYOUT']._serialized_end=1660
   _globals['_MEDIA']._serialized_start=107
   _globals['_MEDIA']._serialized_end=190
   _globals['_TOKENIDS']._serialized_start=192
@@ -60,9 +60,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MULTIMODALITEM_FIELDSENTRY']._serialized_start=1025
   _globals['_MULTIMODALITEM_FIELDSENTRY']._serialized_end=1096
   _globals['_MODELFINGERPRINT']._serialized_start=1098
-  _globals['_MODELFINGERPRINT']._serialized_end=1175
-  _globals['_PREPROCESSEDPROMPT']._serialized_start=1178
-  _globals['_PREPROCESSEDPROMPT']._serialized_end=1359
-  _globals['_PROCESSOROPTIONS']._serialized_start=1361
-  _globals['_PROCESSOROPTIONS']._serialized_end=1420
+  _globals['_MODELFINGERPRINT']._serialized_end=1198
+  _globals['_PREPROCESSEDPROMPT']._serialized_start=1201
+  _globals['_PREPROCESSEDPROMPT']._serialized_end=1382
+  _globals['_PROCESSOROPTIONS']._serialized_start=1384
+  _globals['_PROCESSOROPTIONS']._serialized_end=1443
 # @@protoc_insertion_point(module_scope)

@@ -123,14 +123,16 @@ class MultiModalItem(_message.Message):
     def __init__(self, modality: _Optional[_Union[Modality, str]] = ..., hash: _Optional[str] = ..., placeholder: _Optional[_Union[PlaceholderRange, _Mapping]] = ..., fields: _Optional[_Mapping[str, ItemField]] = ...) -> None: ...
 
 class ModelFingerprint(_message.Message):
-    __slots__ = ("model_id", "model_impl", "config_hash")
+    __slots__ = ("model_id", "model_impl", "config_hash", "feature_dtype")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_IMPL_FIELD_NUMBER: _ClassVar[int]
     CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_impl: str
     config_hash: str
-    def __init__(self, model_id: _Optional[str] = ..., model_impl: _Optional[str] = ..., config_hash: _Optional[str] = ...) -> None: ...
+    feature_dtype: str
+    def __init__(self, model_id: _Optional[str] = ..., model_impl: _Optional[str] = ..., config_hash: _Optional[str] = ..., feature_dtype: _Optional[str] = ...) -> None: ...
 
 class PreprocessedPrompt(_message.Message):
     __slots__ = ("fingerprint", "token_ids", "items", "prompt_text")

@@ -67,7 +67,7 @@ async def _run(args: argparse.Namespace, model_dir: Path) -> None:
     model_port, pre_port = _free_port(), _free_port()
     model_metrics, pre_metrics = _free_port(), _free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    cli = [sys.executable, "-m", "vlm.cli"]
+    cli = [sys.executable, "-m", "vlm_cli.main"]
     model_cmd = [
         *cli, "serve-model", "--model", str(model_dir), "--port", str(model_port),
         "--metrics-port", str(model_metrics), "--max-model-len", "2048", "--enforce-eager",

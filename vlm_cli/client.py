@@ -211,9 +211,14 @@ async def _health(args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handler = {"preprocess": _preprocess, "generate": _generate, "health": _health}[args.command]
+#: command → its coroutine; the parser's subcommand of the same name defines its flags
+_HANDLERS = {"preprocess": _preprocess, "generate": _generate, "health": _health}
+
+
+def _run(command: str, argv: list[str]) -> int:
+    """Parse `vlm COMMAND ARGV...` and run it: 0 on success, 1 with `CODE: message` on stderr."""
+    args = build_parser().parse_args([command, *argv])
+    handler = _HANDLERS[args.command]
     try:
         return asyncio.run(handler(args))
     except UpstreamError as err:
@@ -230,5 +235,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def preprocess_main(argv: list[str]) -> int:
+    """`vlm preprocess ARGV...`"""
+    return _run("preprocess", argv)
+
+
+def generate_main(argv: list[str]) -> int:
+    """`vlm generate ARGV...`"""
+    return _run("generate", argv)
+
+
+def health_main(argv: list[str]) -> int:
+    """`vlm health ARGV...`"""
+    return _run("health", argv)
