@@ -254,9 +254,9 @@ def _recording_metrics():
             super().__init__()
             self.records: list[Any] = []
 
-        def record(self, metrics) -> None:  # noqa: ANN001
-            super().record(metrics)
-            self.records.append(metrics)
+        def record(self, result) -> None:  # noqa: ANN001 - a pool.PooledResult
+            super().record(result)
+            self.records.append(result)
 
     return RecordingMetrics()
 
@@ -268,26 +268,28 @@ def _breakdown(records: list[Any], latencies: list[float]) -> dict[str, Any]:
         return statistics.median(xs) * 1000.0 if xs else None
 
     queue = [r.queue_seconds for r in records]
-    decode = [sum(m.decode_seconds for m in r.modalities.values()) for r in records]
-    process = [r.process_seconds for r in records]
-    worker = [r.total_seconds for r in records]
+    decode = [sum(m.decode_seconds for m in r.metrics.modalities.values()) for r in records]
+    process = [r.metrics.process_seconds for r in records]
+    encode = [r.encode_seconds for r in records]
+    worker = [r.metrics.total_seconds + r.encode_seconds for r in records]
     out = {
         "queue_ms_p50": med(queue),
         "decode_ms_p50": med(decode),
         "vllm_process_ms_p50": med(process),
+        "encode_ms_p50": med(encode),
         "worker_total_ms_p50": med(worker),
         "feature_bytes_per_image": (
-            statistics.median([sum(m.feature_bytes for m in r.modalities.values()) for r in records])
+            statistics.median([sum(m.feature_bytes for m in r.metrics.modalities.values()) for r in records])
             if records
             else None
         ),
-        "prompt_tokens": records[0].prompt_tokens if records else None,
-        "cache_hits": sum(r.cache_hits for r in records),
-        "worker_pids": sorted({r.pid for r in records}),
+        "prompt_tokens": records[0].metrics.prompt_tokens if records else None,
+        "cache_hits": sum(r.metrics.cache_hits for r in records),
+        "workers_used": sorted({r.worker for r in records}),
     }
     lat_p50 = percentile([x * 1000.0 for x in latencies], 50)
     if lat_p50 is not None and out["worker_total_ms_p50"] is not None:
-        # Pipe transfer + tensor (un)packing + protobuf + gRPC + client conversion.
+        # Pipe transfer + framing + gRPC + client conversion.
         out["rest_ms_p50"] = lat_p50 - out["worker_total_ms_p50"] - (out["queue_ms_p50"] or 0.0)
     return out
 
@@ -296,21 +298,17 @@ async def service_run(
     model_dir: Path, prompt: str, jpegs: list[bytes], workers: int, s: Settings
 ) -> dict[str, Any]:
     from preprocessor_svc.app import PreprocessorApp
-    from preprocessor_svc.processing import PreprocessorConfig
+    from preprocessor_svc.pool import PoolConfig
+    from preprocessor_svc.processing import ProcessorConfig
     from vlm.client import PreprocessorClient
     from vlm.server import ServerOptions
     from vlm.types import Media, Modality, PromptInput
 
-    config = PreprocessorConfig(
-        model=str(model_dir),
-        workers=workers,
-        max_model_len=MAX_MODEL_LEN,
-        cache_bytes=0,
-        max_queue=max(64, 4 * workers * s.in_flight_per_worker),
-    )
+    config = ProcessorConfig(model=str(model_dir), max_model_len=MAX_MODEL_LEN, cache_bytes=0)
+    pool = PoolConfig(workers=workers, max_queue=max(64, 4 * workers * s.in_flight_per_worker))
     metrics = _recording_metrics()
     t0 = time.perf_counter()
-    app = await PreprocessorApp.start(config, ServerOptions(metrics_port=None, grace_s=0.5), metrics)
+    app = await PreprocessorApp.start(config, pool, ServerOptions(metrics_port=None, grace_s=0.5), metrics)
     start_s = time.perf_counter() - t0
     in_flight = workers * s.in_flight_per_worker
     try:

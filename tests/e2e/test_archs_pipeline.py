@@ -315,7 +315,9 @@ async def _run(
     pipe: Pipeline, prompt_in: types.PromptInput, modalities: list[types.Modality]
 ) -> tuple[types.Prompt, list[int]]:
     """Preprocess (for the reference), generate end to end, compare with HF token for token."""
-    async with pipe.pre_client() as pre:
+    async with pipe.pre_client() as pre, pipe.model_client() as model:
+        # One model profile, derived by the same code on both sides: identical GetModelInfo.
+        assert await pre.model_info() == await model.model_info()
         prompt = await pre.preprocess(prompt_in)
         _check_layout(prompt, modalities)
         ids, last = await _collect(pre.generate(prompt_in, GREEDY))

@@ -168,8 +168,10 @@ async def test_model_info_agrees_between_services(llava_pipeline) -> None:
     async with llava_pipeline.pre_client() as pre, llava_pipeline.model_client() as model:
         pre_info, model_info = await pre.model_info(), await model.model_info()
         load = await model.load()
-    assert pre_info.fingerprint == model_info.fingerprint
+    # One profile, derived by the same code on both sides: identical answers.
+    assert pre_info == model_info
     assert model_info.fingerprint.model_impl == "auto" and len(model_info.fingerprint.config_hash) == 64
+    assert model_info.fingerprint.feature_dtype == "float32"
     assert model_info.max_model_len == 1024 and model_info.vocab_size > 480
     assert model_info.eos_token_ids
     (image,) = [m for m in model_info.modalities if m.modality is IMAGE]

@@ -59,7 +59,7 @@ TWO = "USER: <image> and <image>\nCompare the two pictures. ASSISTANT:"
 def test_model_info(llava):
     info = llava.engine.model_info()
     tok = llava.tokenizer
-    assert info.fingerprint == compute_fingerprint(str(llava.model_dir), "auto")
+    assert info.fingerprint == compute_fingerprint(str(llava.model_dir), "auto", feature_dtype="float32")
     assert info.vocab_size == len(tok)
     assert info.max_model_len == 1024
     assert tok.eos_token_id in info.eos_token_ids
@@ -228,8 +228,12 @@ async def test_validation_on_real_engine(llava):
     item = prompt.items[0]
     fp = prompt.fingerprint
     with pytest.raises(ModelMismatch) as e:
-        await collect(llava.engine, dataclasses.replace(prompt, fingerprint=Fingerprint(fp.model_id, fp.model_impl, "0" * 64)), GREEDY16)
+        await collect(llava.engine, dataclasses.replace(prompt, fingerprint=dataclasses.replace(fp, config_hash="0" * 64)), GREEDY16)
     assert e.value.field == "prompt.fingerprint"
+    # Features prepared in another dtype (a preprocessor started with another --dtype).
+    with pytest.raises(ModelMismatch) as e:
+        await collect(llava.engine, dataclasses.replace(prompt, fingerprint=dataclasses.replace(fp, feature_dtype="bfloat16")), GREEDY16)
+    assert e.value.field == "prompt.fingerprint" and "bfloat16" in e.value.message
     # A text token inside the range.
     ids = list(prompt.token_ids)
     ids[item.placeholder.offset + 3] = llava.token_ids("cat")[0]
