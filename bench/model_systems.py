@@ -379,7 +379,8 @@ class InprocSystem(System):
         cmd = [sys.executable, "-m", "bench.model_inproc", "--model-dir", str(c["model_dir"]),
                "--images", str(c["images"]), "--prompt", c["raw_prompt"], "--max-tokens", str(c["max_tokens"]),
                "--engine-kwargs", json.dumps(c["engine_kwargs"]),
-               "--cmd-fd", str(self._cmd_r), "--res-fd", str(self._res_w)]
+               "--cmd-fd", str(self._cmd_r), "--res-fd", str(self._res_w),
+               *(["--warm-model-info"] if c.get("warm_model_info") else [])]
         g = ProcGroup(self.name, cmd, c["env"], self.log_path(), pass_fds=(self._cmd_r, self._res_w)).start()
         os.close(self._cmd_r)
         os.close(self._res_w)
@@ -401,7 +402,10 @@ class InprocSystem(System):
         g = self.groups[0]
         msg = await asyncio.wait_for(self._read(), timeout_s)
         ready = time.perf_counter()
-        self.startup = {"ready_s": ready - g.started_at, "import_s": msg["import_s"], "engine_s": msg["engine_s"]}
+        warm = msg.get("warm_model_info_s", 0.0)
+        self.startup = {"ready_s": ready - g.started_at - warm, "import_s": msg["import_s"],
+                        "engine_s": msg["engine_s"]}
+        self.warm_model_info_s = warm
 
     async def run_round(self, images: list[int]) -> tuple[float, list[dict[str, Any]]]:
         self._cmd.write(json.dumps({"op": "round", "images": images}) + "\n")
@@ -476,13 +480,14 @@ class PairSystem(System):
     def start(self) -> None:
         c = self.ctx
         self.model_port, self.pre_port = free_port(), free_port()
+        self.metrics_ports = {"model_svc": free_port(), "preprocessor_svc": free_port()}
         model_cmd = [sys.executable, "-m", "model_svc.main", "--model", str(c["model_dir"]),
                      "--host", "127.0.0.1", "--port", str(self.model_port),
-                     "--metrics-host", "127.0.0.1", "--metrics-port", str(free_port()),
+                     "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_ports["model_svc"]),
                      *engine_cli_args(c["engine_kwargs"])]
         pre_cmd = [sys.executable, "-m", "preprocessor_svc.main", "--model", str(c["model_dir"]),
                    "--host", "127.0.0.1", "--port", str(self.pre_port),
-                   "--metrics-host", "127.0.0.1", "--metrics-port", str(free_port()),
+                   "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_ports["preprocessor_svc"]),
                    "--workers", "1", "--model-target", f"127.0.0.1:{self.model_port}",
                    "--dtype", str(c["engine_kwargs"]["dtype"]),
                    "--max-model-len", str(c["engine_kwargs"]["max_model_len"])]
@@ -511,6 +516,19 @@ class PairSystem(System):
         self.startup = {"ready_s": max(model_s, pre_s), "model_svc_serving_s": model_s,
                         "preprocessor_svc_serving_s": pre_s}
         self.client = PreprocessorClient(self.pre_target)
+
+    async def scrape_metrics(self) -> dict[str, str]:
+        """Both services' Prometheus text (/metrics), for the record."""
+        import httpx
+
+        out = {}
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            for name, port in self.metrics_ports.items():
+                try:
+                    out[name] = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+                except Exception as e:  # noqa: BLE001
+                    out[name] = f"# scrape failed: {e!r}\n"
+        return out
 
     async def request(self, i: int) -> dict[str, Any]:
         return await timed_chunks(pair_stream(self.client, self.ctx["jpegs"][i], self.ctx["max_tokens"]))

@@ -435,7 +435,13 @@ class Processor:
                 )
 
     def _to_prompt(self, engine_input: Mapping[str, Any], prompt_text: str | None) -> Prompt:
-        items = items_from_engine_input(engine_input) if engine_input.get("type") == "multimodal" else ()
+        # No copies: the pool encodes the result at once (copying only each item's bytes), and
+        # nothing writes to these tensors (they may be views into vLLM's processor cache).
+        items = (
+            items_from_engine_input(engine_input, copy=False)
+            if engine_input.get("type") == "multimodal"
+            else ()
+        )
         for item in items:
             if item.fields is None:
                 raise Internal(f"vLLM returned no features for {item.modality.value} item {item.hash}")

@@ -56,15 +56,37 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def encode(tensor: torch.Tensor) -> tensor_pb2.Tensor:
-    """Serialize a tensor (any device, any strides) to the wire format."""
+def encode_wire(tensor: torch.Tensor) -> list[bytes | memoryview]:
+    """A tensor (any device, any strides) as the pieces of a serialized `Tensor` message: the
+    header (dtype, shape) and a view of the raw bytes, so that large tensors are copied once,
+    when the caller joins the pieces. The only tensor serialisation (`encode` uses it)."""
     wire = _WIRE_BY_TORCH.get(tensor.dtype)
     if wire is None:
         raise InvalidArgument(f"unsupported tensor dtype {tensor.dtype}")
     t = tensor.detach().to("cpu").contiguous()
+    head = tensor_pb2.Tensor(dtype=wire, shape=list(t.shape)).SerializeToString()
+    if not t.numel():
+        return [head]
     # A flat byte view works for every dtype, bfloat16 included (numpy has no bfloat16).
-    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return tensor_pb2.Tensor(dtype=wire, shape=list(t.shape), data=data)
+    data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return [head, _DATA_TAG + _varint(data.nbytes), data]
+
+
+def encode(tensor: torch.Tensor) -> tensor_pb2.Tensor:
+    """Serialize a tensor to a `Tensor` message."""
+    return tensor_pb2.Tensor.FromString(b"".join(encode_wire(tensor)))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_DATA_TAG = _varint(tensor_pb2.Tensor.DESCRIPTOR.fields_by_name["data"].number << 3 | 2)
 
 
 def decode(

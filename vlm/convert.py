@@ -184,27 +184,6 @@ def fingerprint_from_pb(msg: mm_pb.ModelFingerprint) -> types.Fingerprint:
     return types.Fingerprint(msg.model_id, msg.model_impl, msg.config_hash, msg.feature_dtype)
 
 
-def item_to_pb(item: types.Item) -> mm_pb.MultiModalItem:
-    ph = item.placeholder
-    out = mm_pb.MultiModalItem(
-        modality=modality_to_pb(item.modality),
-        hash=item.hash,
-        placeholder=mm_pb.PlaceholderRange(
-            offset=ph.offset, length=ph.length, is_embed=list(ph.is_embed or ())
-        ),
-    )
-    for name, f in (item.fields or {}).items():
-        out.fields[name].CopyFrom(
-            mm_pb.ItemField(
-                tensor=codec.encode(f.data),
-                layout=_LAYOUT_TO_PB[f.layout],
-                flat_dim=f.flat_dim,
-                keep_on_cpu=f.keep_on_cpu,
-            )
-        )
-    return out
-
-
 def item_from_pb(
     msg: mm_pb.MultiModalItem, *, field: str, limits: codec.TensorLimits = codec.DEFAULT_LIMITS
 ) -> types.Item:
@@ -258,23 +237,44 @@ def prompt_from_pb(
 # ---------------------------------------------------------------------------------- wire form
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+_varint = codec._varint
+Pieces = list[bytes | memoryview]
 
 
-def _message_field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field (an embedded message) on the wire."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+def _message_field(number: int, pieces: Pieces) -> Pieces:
+    """A length-delimited field (an embedded message) on the wire, as pieces."""
+    size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces)
+    return [_varint(number << 3 | 2) + _varint(size), *pieces]
 
 
+def _item_wire(item: types.Item) -> Pieces:
+    """A `MultiModalItem`, serialized by hand around the tensors so that their bytes are copied
+    once (fields in name order; `tests/unit/test_convert.py` checks it parses as the message)."""
+    ph = item.placeholder
+    head = mm_pb.MultiModalItem(
+        modality=modality_to_pb(item.modality),
+        hash=item.hash,
+        placeholder=mm_pb.PlaceholderRange(
+            offset=ph.offset, length=ph.length, is_embed=list(ph.is_embed or ())
+        ),
+    ).SerializeToString()
+    pieces: Pieces = [head]
+    for name in sorted(item.fields or {}):
+        f = item.fields[name]  # type: ignore[index]
+        value = _message_field(_ITEMFIELD_TENSOR, codec.encode_wire(f.data))
+        value.append(
+            mm_pb.ItemField(
+                layout=_LAYOUT_TO_PB[f.layout], flat_dim=f.flat_dim, keep_on_cpu=f.keep_on_cpu
+            ).SerializeToString()
+        )
+        key = mm_pb.MultiModalItem.FieldsEntry(key=name).SerializeToString()
+        pieces += _message_field(_ITEM_FIELDS, [key, *_message_field(_ENTRY_VALUE, value)])
+    return pieces
+
+
+_ITEM_FIELDS = mm_pb.MultiModalItem.DESCRIPTOR.fields_by_name["fields"].number
+_ENTRY_VALUE = mm_pb.MultiModalItem.FieldsEntry.DESCRIPTOR.fields_by_name["value"].number
+_ITEMFIELD_TENSOR = mm_pb.ItemField.DESCRIPTOR.fields_by_name["tensor"].number
 _ITEMS = mm_pb.PreprocessedPrompt.DESCRIPTOR.fields_by_name["items"].number
 _RESPONSE_PROMPT = 1  # PreprocessResponse.prompt (checked against the descriptor in tests)
 _REQUEST_PROMPT = model_pb2.GenerateRequest.DESCRIPTOR.fields_by_name["prompt"].number
@@ -304,12 +304,13 @@ class EncodedPrompt:
     def nbytes(self) -> int:
         return len(self.head) + sum(len(it.full) for it in self.items)
 
+    def pieces(self, omit_fields_for: Collection[str] = ()) -> Pieces:
+        """The serialized `PreprocessedPrompt` in pieces; items whose hash is in
+        `omit_fields_for` go hash-only."""
+        return [self.head, *(it.bare if it.hash in omit_fields_for else it.full for it in self.items)]
+
     def to_bytes(self, omit_fields_for: Collection[str] = ()) -> bytes:
-        """The serialized `PreprocessedPrompt`; items whose hash is in `omit_fields_for` go
-        hash-only."""
-        return b"".join(
-            [self.head, *(it.bare if it.hash in omit_fields_for else it.full for it in self.items)]
-        )
+        return b"".join(self.pieces(omit_fields_for))
 
     @cached_property
     def decoded(self) -> types.Prompt:
@@ -326,8 +327,8 @@ def encode_prompt(p: types.Prompt) -> EncodedPrompt:
     items = tuple(
         EncodedItem(
             hash=it.hash,
-            full=_message_field(_ITEMS, item_to_pb(it).SerializeToString()),
-            bare=_message_field(_ITEMS, item_to_pb(it.without_fields()).SerializeToString()),
+            full=b"".join(_message_field(_ITEMS, _item_wire(it))),
+            bare=b"".join(_message_field(_ITEMS, _item_wire(it.without_fields()))),
         )
         for it in p.items
     )
@@ -338,7 +339,7 @@ def preprocess_response_bytes(
     p: EncodedPrompt, *, omit_fields_for: Collection[str] = ()
 ) -> bytes:
     """A serialized `vlm.preprocessor.v1.PreprocessResponse` holding `p`."""
-    return _message_field(_RESPONSE_PROMPT, p.to_bytes(omit_fields_for))
+    return b"".join(_message_field(_RESPONSE_PROMPT, p.pieces(omit_fields_for)))
 
 
 def model_generate_request_bytes(
@@ -350,7 +351,7 @@ def model_generate_request_bytes(
 ) -> bytes:
     """A serialized `vlm.model.v1.GenerateRequest`."""
     rest = model_pb2.GenerateRequest(request_id=request_id, sampling=sampling).SerializeToString()
-    return rest + _message_field(_REQUEST_PROMPT, p.to_bytes(omit_fields_for))
+    return b"".join([rest, *_message_field(_REQUEST_PROMPT, p.pieces(omit_fields_for))])
 
 
 # ---------------------------------------------------------------------------------- sampling

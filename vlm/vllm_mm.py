@@ -41,9 +41,10 @@ def field_layout(field: Any) -> tuple[FieldLayout, int]:
     raise Internal(f"unknown vLLM field type {type(field).__name__}")
 
 
-def item_fields(kwargs_item: Mapping[str, Any]) -> dict[str, ItemField]:
-    """One `MultiModalKwargsItem` → {name: ItemField}, each an own compact copy of the data
-    (never a view into a batch tensor or into a cached item)."""
+def item_fields(kwargs_item: Mapping[str, Any], *, copy: bool = True) -> dict[str, ItemField]:
+    """One `MultiModalKwargsItem` → {name: ItemField}. With `copy`, each an own compact copy of
+    the data (never a view into a batch tensor or into a cached item); without, the tensors may
+    be such views (the caller serializes them at once, which copies only the item's bytes)."""
     fields: dict[str, ItemField] = {}
     for name, elem in kwargs_item.items():
         if not isinstance(elem.data, torch.Tensor):
@@ -52,7 +53,9 @@ def item_fields(kwargs_item: Mapping[str, Any]) -> dict[str, ItemField]:
                 "model's item layout is not supported"
             )
         layout, flat_dim = field_layout(elem.field)
-        data = elem.data.detach().cpu().clone(memory_format=torch.contiguous_format)
+        data = elem.data.detach().cpu()
+        if copy:
+            data = data.clone(memory_format=torch.contiguous_format)
         fields[name] = ItemField(data, layout, flat_dim, bool(elem.field.keep_on_cpu))
     return fields
 
@@ -64,10 +67,13 @@ def placeholder_from_range(rng: Any) -> Placeholder:
     return Placeholder(offset=int(rng.offset), length=int(rng.length), is_embed=is_embed)
 
 
-def items_from_engine_input(engine_input: Mapping[str, Any]) -> tuple[Item, ...]:
+def items_from_engine_input(
+    engine_input: Mapping[str, Any], *, copy: bool = True
+) -> tuple[Item, ...]:
     """A `MultiModalInput` dict → Items sorted by placeholder offset (prompt order).
 
-    An item whose kwargs are None (vLLM's engine-side cache holds it) becomes hash-only.
+    An item whose kwargs are None (vLLM's engine-side cache holds it) becomes hash-only. `copy`:
+    see `item_fields`.
     """
     items: list[Item] = []
     mm_kwargs = engine_input.get("mm_kwargs") or {}
@@ -85,7 +91,7 @@ def items_from_engine_input(engine_input: Mapping[str, Any]) -> tuple[Item, ...]
                     modality=Modality(modality_name),
                     hash=str(h),
                     placeholder=placeholder_from_range(rng),
-                    fields=None if kw is None else item_fields(kw),
+                    fields=None if kw is None else item_fields(kw, copy=copy),
                 )
             )
     items.sort(key=lambda it: it.placeholder.offset)
