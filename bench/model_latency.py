@@ -261,28 +261,65 @@ async def _profile(pair: Any, ctx: dict[str, Any], seconds: float, out_dir: Path
     return res
 
 
-def top_frames(raw_path: Path, n: int = 12) -> dict[str, Any]:
-    """From py-spy's collapsed stacks: the busiest leaf frames, and per process the share of
-    samples (idle threads are dropped by py-spy unless --idle)."""
-    self_c: dict[str, int] = {}
-    by_proc: dict[str, int] = {}
+def parse_collapsed(text: str) -> list[tuple[list[str], int]]:
+    """py-spy's raw (collapsed) output: `frame;frame;... COUNT` per record. With --subprocesses
+    the first frames name processes (`process PID:"cmdline"`), and a command line may hold
+    newlines, so a record ends at the first line that ends in ` COUNT`."""
+    import re
+
+    records, buf = [], ""
+    for line in text.split("\n"):
+        buf = f"{buf}\n{line}" if buf else line
+        m = re.search(r" (\d+)$", buf)
+        if m:
+            records.append((buf[: m.start()].split(";"), int(m.group(1))))
+            buf = ""
+    return records
+
+
+def _proc_label(frame: str) -> str:
+    if "EngineCore" in frame:
+        return "vLLM engine core"
+    if "VllmWorker" in frame or "spawn_main" in frame:
+        return "vLLM worker"
+    if "forkserver" in frame:
+        return "preprocessing worker (forked by the forkserver)"
+    if "model_svc.main" in frame:
+        return "model_svc main (gRPC + AsyncLLM frontend)"
+    if "preprocessor_svc.main" in frame:
+        return "preprocessor_svc main (gRPC + relay)"
+    return frame[:60]
+
+
+_OWN = ("vlm/", "model_svc/", "preprocessor_svc/")
+
+
+def top_frames(raw_path: Path, n: int = 8) -> dict[str, Any]:
+    """Per sampled process (the deepest `process` frame): its samples, the busiest leaf frames
+    (own time) and the deepest frames of this project's code (time spent in or under them).
+    py-spy drops idle threads, so samples ≈ CPU time at 100 Hz."""
+    per: dict[str, dict[str, Any]] = {}
     total = 0
-    for line in raw_path.read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        k = int(count)
+    for frames, k in parse_collapsed(raw_path.read_text(errors="replace")):
+        procs = [f for f in frames if f.startswith("process ")]
+        code = [f for f in frames if not f.startswith("process ")]
+        label = _proc_label(procs[-1]) if procs else "?"
+        d = per.setdefault(label, {"samples": 0, "leaf": {}, "own": {}})
+        d["samples"] += k
         total += k
-        frames = stack.split(";")
-        by_proc[frames[0][:80]] = by_proc.get(frames[0][:80], 0) + k
-        self_c[frames[-1]] = self_c.get(frames[-1], 0) + k
-    top = sorted(self_c.items(), key=lambda kv: -kv[1])[:n]
-    return {
-        "samples": total,
-        "by_process": {p: c for p, c in sorted(by_proc.items(), key=lambda kv: -kv[1])[:8]},
-        "top_self": [{"frame": f, "samples": c, "share": c / total if total else None} for f, c in top],
-        "raw": str(raw_path),
-    }
+        if code:
+            d["leaf"][code[-1]] = d["leaf"].get(code[-1], 0) + k
+            own = [f for f in code if any(f"({o}" in f for o in _OWN)]
+            key = own[-1] if own else "(no project frame)"
+            d["own"][key] = d["own"].get(key, 0) + k
+    out = {"samples": total, "raw": str(raw_path), "processes": {}}
+    for label, d in sorted(per.items(), key=lambda kv: -kv[1]["samples"]):
+        out["processes"][label] = {
+            "samples": d["samples"],
+            "top_leaf": [{"frame": f, "samples": c} for f, c in sorted(d["leaf"].items(), key=lambda kv: -kv[1])[:n]],
+            "top_project": [{"frame": f, "samples": c} for f, c in sorted(d["own"].items(), key=lambda kv: -kv[1])[:n]],
+        }
+    return out
 
 
 async def _run_systems(s: Settings, ctx: dict[str, Any], wanted: list[str], data: dict[str, Any],
@@ -581,15 +618,15 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines += ["", "Skipped: " + "; ".join(f"**{k}**: {v}" for k, v in skipped.items())]
     spy = data.get("py_spy")
     if spy and "skipped" not in spy:
-        lines += ["", f"py-spy, pair at N=4 for {spy['seconds']:.0f} s ({spy['requests']} requests), "
-                      "top frames by own samples (subprocesses included):", ""]
-        for svc in ("model_svc", "preprocessor_svc"):
-            t = spy.get(svc) or {}
-            if "top_self" in t:
-                lines.append(md_table([f"{svc}: frame", "samples", "share"],
-                                      [[f"`{x['frame'][:110]}`", x["samples"], f"{(x['share'] or 0) * 100:.1f}%"]
-                                       for x in t["top_self"][:8]]))
-                lines.append("")
+        lines += ["", f"py-spy on the pair at N=4 for {spy['seconds']:.0f} s ({spy['requests']} requests; 100 Hz, "
+                      "idle threads dropped, so samples ≈ CPU time; raw stacks in the JSON's `py_spy` paths):", ""]
+        prow = []
+        for svc in ("preprocessor_svc", "model_svc"):
+            for label, d in ((spy.get(svc) or {}).get("processes") or {}).items():
+                leaf = ", ".join(f"`{x['frame'][:70]}` {x['samples']}" for x in d["top_leaf"][:3])
+                own = ", ".join(f"`{x['frame'][:70]}` {x['samples']}" for x in d["top_project"][:3])
+                prow.append([label, d["samples"], leaf, own])
+        lines.append(md_table(["process", "samples", "top leaf frames", "deepest project frames"], prow))
     return "\n".join(lines) + "\n"
 
 

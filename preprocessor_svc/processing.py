@@ -227,8 +227,15 @@ class Processor:
     # -- per request --------------------------------------------------------------------------
 
     def process(
-        self, prompt: PromptInput, processor_kwargs: Mapping[str, Any] | None = None
+        self,
+        prompt: PromptInput,
+        processor_kwargs: Mapping[str, Any] | None = None,
+        *,
+        copy: bool = True,
     ) -> PreprocessResult:
+        """Process one prompt. With `copy=False` the item tensors may be views into vLLM's
+        processor cache: for a caller that serializes them at once and never writes to them
+        (the pool's workers), saving one copy of every tensor."""
         t_start = time.perf_counter()
         kind = _input_kind(prompt)
         prompt_field = _INPUT_FIELDS[kind]
@@ -296,7 +303,7 @@ class Processor:
                 "generated token)",
                 field=prompt_field,
             )
-        result_prompt = self._to_prompt(engine_input, prompt_text)
+        result_prompt = self._to_prompt(engine_input, prompt_text, copy=copy)
 
         feature_bytes: dict[str, int] = {}
         for item in result_prompt.items:
@@ -434,11 +441,11 @@ class Processor:
                     field=prompt_field,
                 )
 
-    def _to_prompt(self, engine_input: Mapping[str, Any], prompt_text: str | None) -> Prompt:
-        # No copies: the pool encodes the result at once (copying only each item's bytes), and
-        # nothing writes to these tensors (they may be views into vLLM's processor cache).
+    def _to_prompt(
+        self, engine_input: Mapping[str, Any], prompt_text: str | None, *, copy: bool
+    ) -> Prompt:
         items = (
-            items_from_engine_input(engine_input, copy=False)
+            items_from_engine_input(engine_input, copy=copy)
             if engine_input.get("type") == "multimodal"
             else ()
         )

@@ -141,7 +141,9 @@ async def test_health_and_metrics_of_both_services(llava_pipeline) -> None:
     for name in ("vlm_preprocess_duration_seconds_bucket", 'vlm_preprocess_items_total{modality="image"}',
                  "vlm_preprocess_prompt_tokens_total", "vlm_preprocess_feature_bytes_total",
                  "vlm_processor_cache_hits_total", "vlm_processor_cache_misses_total",
-                 "vlm_preprocess_queue_depth", "vlm_preprocess_in_flight", "vlm_grpc_requests_total"):
+                 "vlm_preprocess_queue_depth", "vlm_preprocess_in_flight", "vlm_grpc_requests_total",
+                 "vlm_preprocess_workers_ready 1.0", "vlm_preprocess_worker_restarts_total 0.0",
+                 "vlm_preprocess_rejected_total 0.0", "vlm_processor_cache_bytes"):
         assert name in pre_body, name
 
 
