@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jinja2
-import pytest
 from vllm.exceptions import GracefulHTTPError, VLLMValidationError
 from vllm.v1.engine.exceptions import EngineDeadError
 

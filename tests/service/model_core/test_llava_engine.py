@@ -12,7 +12,7 @@ import torch
 from model_svc.engine import Engine
 from vlm.errors import AlreadyExists, InvalidArgument, MissingFeatures, ModelMismatch
 from vlm.fingerprint import compute_fingerprint
-from vlm.types import Chunk, FinishReason, Fingerprint, ItemField, Modality, Prompt, Sampling
+from vlm.types import Chunk, FinishReason, ItemField, Modality, Prompt, Sampling
 
 from .conftest import image
 from .hf_reference import hf_greedy

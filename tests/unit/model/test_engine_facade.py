@@ -12,7 +12,7 @@ from model_svc.engine import Engine
 from model_svc.feature_store import FeatureStore
 from vlm.profile import ModelProfile
 from vlm.errors import AlreadyExists, InvalidArgument, Unavailable
-from vlm.types import FinishReason, Fingerprint, ModelInfo, Prompt, Sampling
+from vlm.types import FinishReason, Fingerprint, Prompt, Sampling
 
 FP = Fingerprint("fake", "auto", "h", "float32")
 
