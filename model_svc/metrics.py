@@ -56,7 +56,7 @@ class ModelMetrics(BaseMetrics):
         self.engine_healthy = Gauge(
             f"{P}_engine_healthy", "1 while the engine is alive, 0 after it died.", registry=r)
 
-    # -- model_svc.engine.MetricsHook --------------------------------------------------------
+    # -- model_svc.stats.MetricsHook ---------------------------------------------------------
 
     def request_finished(self, stats) -> None:
         self.prompt_tokens.inc(stats.prompt_tokens)

@@ -16,8 +16,8 @@ worker does the blocking pipe I/O. At most `max_queue` requests wait; beyond tha
 replaced in the background; its request fails with `Unavailable` (retryable).
 
 One wire format: a worker encodes its result into the bytes that go on the wire
-(`convert.encode_prompt`) before handing it over, so the pipe carries a few `bytes` objects
-(pickled without copies of their own) and this process converts no tensor. Errors cross the
+(`convert.encode_prompt`) before handing it over, so the pipe carries a small pickled header and
+then each item's bytes as a raw message, and this process converts no tensor. Errors cross the
 pipe as the `vlm.errors` exceptions themselves (they pickle with every attribute).
 
 `workers=0` runs one `Processor` in this process on a single thread (tests, debugging), through
@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from preprocessor_svc.processing import PreprocessMetrics, Processor, ProcessorConfig
-from vlm.convert import EncodedPrompt, encode_prompt
+from vlm.convert import EncodedItem, EncodedPrompt, encode_prompt
 from vlm.errors import Internal, ResourceExhausted, Unavailable, VlmError
 from vlm.profile import ModelProfile
 from vlm.types import ModelInfo, Prompt, PromptInput
@@ -148,14 +148,20 @@ def _worker_main(config: ProcessorConfig, threads: int, conn: Any, index: int) -
             return
         prompt, kwargs = msg
         try:
-            out = ("ok", _run(processor, prompt, kwargs))
-        except VlmError as e:
-            out = ("error", e)
+            encoded, metrics, encode_s = _run(processor, prompt, kwargs)
         except Exception as e:  # noqa: BLE001
-            logger.exception("preprocessing failed in worker %d", index)
-            out = ("error", _as_vlm_error(e))
+            if not isinstance(e, VlmError):
+                logger.exception("preprocessing failed in worker %d", index)
+            reply, blobs = ("error", _as_vlm_error(e)), []
+        else:
+            # The items' bytes follow the pickled header as raw messages (send_bytes writes a
+            # large buffer as it is; pickling would copy it first).
+            header = (encoded.head, [(it.hash, it.bare) for it in encoded.items], metrics, encode_s)
+            reply, blobs = ("ok", header), [it.full for it in encoded.items]
         try:
-            conn.send(out)
+            conn.send(reply)
+            for blob in blobs:
+                conn.send_bytes(blob)
         except (BrokenPipeError, OSError):
             return
 
@@ -256,11 +262,16 @@ class _ProcessWorker:
                         f"processing took longer than {timeout} s; worker {self.index} was stopped"
                     )
             status, payload = conn.recv()
+            if status != "ok":
+                raise payload
+            head, items, metrics, encode_s = payload
+            full = [conn.recv_bytes() for _ in items]
         except (EOFError, OSError, ValueError) as e:  # ValueError: a closed Connection
             raise _WorkerLost(f"lost the connection to worker {self.index}: {e}") from None
-        if status == "ok":
-            return payload
-        raise payload
+        encoded = EncodedPrompt(
+            head, tuple(EncodedItem(h, f, bare) for (h, bare), f in zip(items, full, strict=True))
+        )
+        return encoded, metrics, encode_s
 
     def stop(self, grace_s: float = 5.0) -> None:
         proc, conn = self.proc, self.conn
