@@ -97,9 +97,9 @@ async def serve(args: argparse.Namespace) -> None:
                     _send(args.res_fd, {"error": f"{type(e).__name__}: {e}"})
     finally:
         llm.shutdown()
-        # Collect vLLM's client now: its __del__ at interpreter exit would shut down again
-        # when the modules it needs are gone.
-        del llm
+        # Drop vLLM's client now: its __del__ at interpreter exit would shut down again when
+        # the modules it needs are gone.
+        llm = None
 
 
 def main(argv: list[str] | None = None) -> int:

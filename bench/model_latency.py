@@ -79,6 +79,11 @@ class Settings:
     #: pinning) or, for the smoke test, the worker inside the engine-core process (one vLLM
     #: import less per system, ≈ 10 s).
     engine_multiprocessing: bool = True
+    #: Pause between two systems' rounds (None: 1.5 s with the multiprocess engine, else 0.3 s).
+    #: vLLM's multiprocess engine busy-waits (sched_yield on its shared-memory queues) for 1 s
+    #: after its last message, and on CPU every engine pins its worker to the same core: without
+    #: the pause, a round would share the CPU with the previous system's spinning engine.
+    gap_s: float | None = None
     image_size: tuple[int, int] = (1024, 768)
 
     def images_per_set(self) -> int:
@@ -97,7 +102,7 @@ def settings(quick: bool, rounds: int | None = None) -> Settings:
 
 def engine_kwargs() -> dict[str, Any]:
     """The same for every system (the KV cache size comes from VLLM_CPU_KVCACHE_SPACE)."""
-    return dict(max_model_len=MAX_MODEL_LEN, enforce_eager=True, dtype="float32", seed=0)
+    return {"max_model_len": MAX_MODEL_LEN, "enforce_eager": True, "dtype": "float32", "seed": 0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +285,7 @@ def parse_collapsed(text: str) -> list[tuple[list[str], int]]:
 def _proc_label(frame: str) -> str:
     if "EngineCore" in frame:
         return "vLLM engine core"
-    if "VllmWorker" in frame or "spawn_main" in frame:
+    if "VLLM::Worker" in frame or "VllmWorker" in frame or "spawn_main" in frame:
         return "vLLM worker"
     if "forkserver" in frame:
         return "preprocessing worker (forked by the forkserver)"
@@ -297,7 +302,8 @@ _OWN = ("vlm/", "model_svc/", "preprocessor_svc/")
 def top_frames(raw_path: Path, n: int = 8) -> dict[str, Any]:
     """Per sampled process (the deepest `process` frame): its samples, the busiest leaf frames
     (own time) and the deepest frames of this project's code (time spent in or under them).
-    py-spy drops idle threads, so samples ≈ CPU time at 100 Hz."""
+    py-spy drops threads that sleep; a thread that is runnable but waiting for a CPU still counts,
+    so on a saturated machine samples overstate CPU time (the CPU table has the real figures)."""
     per: dict[str, dict[str, Any]] = {}
     total = 0
     for frames, k in parse_collapsed(raw_path.read_text(errors="replace")):
@@ -309,8 +315,10 @@ def top_frames(raw_path: Path, n: int = 8) -> dict[str, Any]:
         total += k
         if code:
             d["leaf"][code[-1]] = d["leaf"].get(code[-1], 0) + k
-            own = [f for f in code if any(f"({o}" in f for o in _OWN)]
-            key = own[-1] if own else "(no project frame)"
+            # The services' `main` only runs the event loop: callbacks sit under it.
+            own = [f for f in code if any(f"({o}" in f for o in _OWN) and not f.startswith("<module>")
+                   and "/main.py:" not in f]
+            key = own[-1] if own else "(no project frame: event loop, gRPC, vLLM)"
             d["own"][key] = d["own"].get(key, 0) + k
     out = {"samples": total, "raw": str(raw_path), "processes": {}}
     for label, d in sorted(per.items(), key=lambda kv: -kv[1]["samples"]):
@@ -326,6 +334,7 @@ async def _run_systems(s: Settings, ctx: dict[str, Any], wanted: list[str], data
                        py_spy_s: float) -> None:
     from bench import vllm_grpc_client
     from bench.model_systems import (
+        CpuMeter,
         InprocSystem,
         ModelDirectSystem,
         PairSystem,
@@ -396,18 +405,32 @@ async def _run_systems(s: Settings, ctx: dict[str, Any], wanted: list[str], data
             results[name]["first_request_s"], results[name]["first_output"] = await _warm(systems[name], plans[name])
         # 4. Alternating rounds.
         recs: dict[str, list[dict[str, Any]]] = {n: [] for n in active}
+        meter = CpuMeter()
+        cpu: dict[tuple[str, int], dict[str, float]] = {}
         for r in range(s.rounds):
             for c in s.concurrency:
                 for name in active:
-                    wall, reqs = await systems[name].run_round(plans[name]["rounds"][(r, c)])
-                    recs[name].append(round_record(r, c, wall, reqs))
-                    await asyncio.sleep(0.1)
+                    system = systems[name]
+                    before = meter.read(system.cpu_groups)
+                    wall, reqs = await system.run_round(plans[name]["rounds"][(r, c)])
+                    used = CpuMeter.diff(before, meter.read(system.cpu_groups))
+                    rec = round_record(r, c, wall, reqs)
+                    rec["cpu_s"] = used
+                    recs[name].append(rec)
+                    acc = cpu.setdefault((name, c), {})
+                    for k, v in used.items():
+                        acc[k] = acc.get(k, 0.0) + v
+                    await asyncio.sleep(s.gap_s)
             log(f"model: round {r + 1}/{s.rounds}: " + ", ".join(
                 f"{n} {recs[n][-1]['output_tok_s']:.0f}" for n in active) + f" tok/s at N={s.concurrency[-1]}")
         for name in active:
             results[name]["rounds"] = recs[name]
             results[name]["levels"] = {str(c): summarize([x for x in recs[name] if x["concurrency"] == c])
                                        for c in s.concurrency}
+            for c in s.concurrency:  # CPU per request by process role, over all rounds at this N
+                n_req = s.rounds * c
+                results[name]["levels"][str(c)]["cpu_ms_per_request"] = {
+                    k: v * 1000 / n_req for k, v in sorted(cpu[(name, c)].items(), key=lambda kv: -kv[1])}
             if name in systems and systems[name].groups:
                 results[name]["memory_at_end"] = _memory(systems[name])
         if "pair" in systems:
@@ -435,14 +458,14 @@ def _prepare(model_dir: Path, env: dict[str, str], out_dir: Path) -> float:
             "sys.exit(0 if w(sys.argv[1]) else 1)")
     with open(out_dir / f"{NAME}.prepare.log", "w") as logf:
         rc = subprocess.run([sys.executable, "-c", code, str(model_dir)], cwd=REPO_ROOT, env=env,
-                            stdout=logf, stderr=subprocess.STDOUT, timeout=300).returncode
+                            stdout=logf, stderr=subprocess.STDOUT, timeout=300, check=False).returncode
     if rc != 0:
         log("model: warming vLLM's model-info cache failed (startups then include an inspection subprocess)")
     return time.perf_counter() - t0
 
 
 def run(*, quick: bool = False, out_dir: Path = DEFAULT_OUT, rounds: int | None = None,
-        systems: list[str] | None = None, py_spy_s: float = 0.0) -> dict[str, Any]:
+        systems: list[str] | None = None, py_spy_s: float = 0.0, gap_s: float | None = None) -> dict[str, Any]:
     from bench.model_systems import TEXT, child_env, raw_prompt
     from vlm.testing.tiny_models import build_tiny_model
 
@@ -455,6 +478,9 @@ def run(*, quick: bool = False, out_dir: Path = DEFAULT_OUT, rounds: int | None 
     t_all = time.perf_counter()
     env = child_env()
     env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if s.engine_multiprocessing else "0")
+    if gap_s is not None or s.gap_s is None:
+        s = dataclasses.replace(s, gap_s=gap_s if gap_s is not None else
+                                (0.3 if env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" else 1.5))
     data: dict[str, Any] = {
         "benchmark": NAME,
         "quick": quick,
@@ -581,6 +607,14 @@ def render_markdown(data: dict[str, Any]) -> str:
         rrows.append([f"{r['a']} / {r['b']}", f"{fig} @ N={r['concurrency']}",
                       "–" if r["ratio"] is None else f"**{r['ratio']:.2f}×**", pr])
 
+    cpu_rows = []
+    cmax = s["concurrency"][-1]
+    for n in names:
+        lv = _lvl(sysd[n], cmax) or {}
+        cpu = lv.get("cpu_ms_per_request") or {}
+        if cpu:
+            parts = ", ".join(f"{k} {v:.0f}" for k, v in cpu.items() if v >= 0.5)
+            cpu_rows.append([n, f"{sum(cpu.values()):.0f}", parts])
     st_rows = []
     for n in names:
         st = sysd[n].get("startup") or {}
@@ -591,23 +625,30 @@ def render_markdown(data: dict[str, Any]) -> str:
     lines = [
         "## Serving path: gRPC pair vs. vLLM's OpenAI server vs. in-process AsyncLLM",
         "",
-        f"Tiny LLaVA on CPU, {layout}, float32, enforce_eager, VLLM_CPU_KVCACHE_SPACE=1; greedy, ignore_eos, "
-        f"{s['max_tokens']} tokens per request, one distinct {s['image_size'][0]}×{s['image_size'][1]} JPEG per "
-        f"request; every system is its own OS process(es); {s['rounds']} alternating round(s) per N"
-        f"{' (QUICK: smoke settings)' if data['quick'] else ''}; {data['machine']['cpu_count']} CPUs, load average "
-        f"{fmt(data['machine']['loadavg_1m'], 2)} at start; run took {fmt(data.get('total_s'), 0)} s.",
+        (f"Tiny LLaVA on CPU, {layout}, float32, enforce_eager, VLLM_CPU_KVCACHE_SPACE=1; greedy, ignore_eos, "
+         f"{s['max_tokens']} tokens per request, one distinct {s['image_size'][0]}×{s['image_size'][1]} JPEG per "
+         f"request; every system is its own OS process(es); {s['rounds']} alternating round(s) per N, "
+         f"{s['gap_s']:.1f} s between systems{' (QUICK: smoke settings)' if data['quick'] else ''}; "
+         f"{data['machine']['cpu_count']} CPUs, load average {fmt(data['machine']['loadavg_1m'], 2)} at start; "
+         f"run took {fmt(data.get('total_s'), 0)} s."),
         "",
         md_table(["figure", *names], rows),
         "",
-        "tok/s per round = Σ output tokens / round wall time; *best* = the best round (noise only slows), "
-        "(min–max) over rounds. TTFT = request start (before the client encodes the image) to the first token.",
+        ("tok/s per round = Σ output tokens / round wall time; *best* = the best round (noise only slows), "
+         "(min–max) over rounds. TTFT = request start (before the client encodes the image) to the first token."),
         "",
         "Ratios (same run; the per-round column pairs rounds measured back to back):",
         "",
         md_table(["ratio", "figure", "value", "per round: median (min–max)"], rrows),
         "",
-        "Startup (s, from spawning the process(es) to ready; the pair's two services start together, "
-        "`ready_s` = the later of the two):",
+        (f"CPU time per request at N={cmax} (ms, user + system, all rounds; from the processes' own counters, "
+         "read between rounds; the driver runs the clients of every system but inproc, and model_direct is charged "
+         "with the whole pair, whose preprocessor then idles):"),
+        "",
+        md_table(["system", "total", "by process"], cpu_rows),
+        "",
+        ("Startup (s, from spawning the process(es) to ready; the pair's two services start together, "
+         "`ready_s` = the later of the two):"),
         "",
         md_table(["system", "startup"], st_rows),
     ]
@@ -618,8 +659,9 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines += ["", "Skipped: " + "; ".join(f"**{k}**: {v}" for k, v in skipped.items())]
     spy = data.get("py_spy")
     if spy and "skipped" not in spy:
-        lines += ["", f"py-spy on the pair at N=4 for {spy['seconds']:.0f} s ({spy['requests']} requests; 100 Hz, "
-                      "idle threads dropped, so samples ≈ CPU time; raw stacks in the JSON's `py_spy` paths):", ""]
+        lines += ["", (f"py-spy on the pair at N=4 for {spy['seconds']:.0f} s ({spy['requests']} requests; 100 Hz; "
+                       "a sample = a thread seen running or runnable, i.e. on a CPU or waiting for one; raw stacks: "
+                       "the JSON's `py_spy` paths):"), ""]
         prow = []
         for svc in ("preprocessor_svc", "model_svc"):
             for label, d in ((spy.get(svc) or {}).get("processes") or {}).items():
@@ -635,6 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke-test settings (3 rounds, 1 warm-up request)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--rounds", type=int, default=None, help="alternating rounds (default: 3 quick, 10 full)")
+    p.add_argument("--gap", type=float, default=None, metavar="SECONDS",
+                   help="pause between two systems' rounds (default 1.5 s, as vLLM's multiprocess engine spins "
+                        "1 s after use; 0.3 s with the in-process layout)")
     p.add_argument("--systems", default=",".join(ALL_SYSTEMS),
                    help=f"comma-separated subset of {','.join(ALL_SYSTEMS)} (default: all available)")
     p.add_argument("--py-spy", type=float, default=0.0, metavar="SECONDS",
@@ -644,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [x for x in wanted if x not in ALL_SYSTEMS]
     if bad:
         p.error(f"unknown system(s): {', '.join(bad)}")
-    run(quick=args.quick, out_dir=args.out, rounds=args.rounds, systems=wanted, py_spy_s=args.py_spy)
+    run(quick=args.quick, out_dir=args.out, rounds=args.rounds, systems=wanted, py_spy_s=args.py_spy, gap_s=args.gap)
     return 0
 
 

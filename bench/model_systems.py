@@ -107,7 +107,7 @@ class ProcGroup:
             root = psutil.Process(self.pid)
             for p in [root, *root.children(recursive=True)]:
                 self._seen.setdefault(p.pid, p)
-        except Exception:  # noqa: BLE001 - gone, or no psutil
+        except Exception:  # noqa: BLE001, S110 - gone, or no psutil
             pass
         return [p for p in self._seen.values() if _running(p)]
 
@@ -152,7 +152,7 @@ def _signal_proc(p: Any, sig: int) -> None:
     try:
         if p.is_running():  # psutil checks the pid was not reused
             p.send_signal(sig)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001, S110 - already gone
         pass
 
 
@@ -334,6 +334,52 @@ async def openai_request(client: Any, model: str, jpeg: bytes, max_tokens: int) 
 # ---------------------------------------------------------------------------------------------
 
 
+def role_of(p: Any) -> str:
+    """A short label for one process of a system (vLLM retitles its processes VLLM::...)."""
+    try:
+        text = f"{p.name()} {' '.join(p.cmdline())}"
+    except Exception:  # noqa: BLE001 - gone
+        return "?"
+    for needle, label in (
+        ("EngineCore", "vLLM engine core"), ("VLLM::Worker", "vLLM worker"), ("VllmWorker", "vLLM worker"),
+        ("resource_tracker", "mp resource tracker"), ("multiprocessing.forkserver", "preprocessing worker/forkserver"),
+        ("model_svc.main", "model_svc main"), ("preprocessor_svc.main", "preprocessor_svc main"),
+        ("openai.api_server", "api_server main"), ("grpc_server", "grpc_server main"),
+        ("bench.model_inproc", "inproc main (engine client + benchmark client)"), ("spawn_main", "vLLM worker"),
+    ):
+        if needle in text:
+            return label
+    return text[:40]
+
+
+class CpuMeter:
+    """CPU seconds (user + system) per process role of some process groups, plus this process
+    (the benchmark client). Read before and after a round, outside its timing."""
+
+    def __init__(self) -> None:
+        self._roles: dict[int, str] = {}
+
+    def read(self, groups: Sequence[ProcGroup]) -> dict[str, float]:
+        import psutil
+
+        out: dict[str, float] = {}
+        for g in groups:
+            for p in g.descendants():
+                try:
+                    role = self._roles.get(p.pid) or self._roles.setdefault(p.pid, role_of(p))
+                    t = p.cpu_times()
+                    out[role] = out.get(role, 0.0) + t.user + t.system
+                except psutil.Error:
+                    continue
+        me = psutil.Process().cpu_times()
+        out["benchmark client (driver)"] = me.user + me.system
+        return out
+
+    @staticmethod
+    def diff(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        return {k: after[k] - before.get(k, 0.0) for k in after}
+
+
 class System:
     name = "?"
     description = ""
@@ -366,6 +412,11 @@ class System:
 
     def pids(self) -> dict[str, int]:
         return {g.name: g.pid for g in self.groups if g.proc is not None}
+
+    @property
+    def cpu_groups(self) -> list[ProcGroup]:
+        """The processes whose CPU time a round of this system is charged with."""
+        return self.groups
 
 
 class InprocSystem(System):
@@ -552,6 +603,10 @@ class ModelDirectSystem(System):
 
     def start(self) -> None:
         pass
+
+    @property
+    def cpu_groups(self) -> list[ProcGroup]:
+        return self.pair.groups
 
     async def wait_ready(self, timeout_s: float) -> None:
         from vlm.client import ModelClient

@@ -7,7 +7,8 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-from model_svc.engine import Engine, EngineConfig
+from model_svc.config import EngineConfig
+from model_svc.engine import Engine
 from model_svc.metrics import ModelMetrics
 from model_svc.servicer import ModelServicer
 from vlm.model.v1 import model_pb2, model_pb2_grpc

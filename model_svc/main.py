@@ -17,7 +17,7 @@ from vlm.server import ServerOptions, add_server_args, configure_logging
 
 
 def build_parser():
-    from model_svc.engine import add_engine_cli_args
+    from model_svc.config import add_engine_cli_args
 
     parser = add_engine_cli_args()
     parser.prog = "vlm serve-model"
@@ -27,7 +27,7 @@ def build_parser():
 
 async def serve(args) -> None:
     from model_svc.app import ModelApp
-    from model_svc.engine import EngineConfig
+    from model_svc.config import EngineConfig
 
     options = ServerOptions.from_args(args)
     app = await ModelApp.start(EngineConfig.from_cli_args(args), options, ModelMetrics())

@@ -1,5 +1,5 @@
-"""The `vlm` command-line clients against the real llava pipeline, and a real
-`vlm serve-preprocessor` process shut down by SIGTERM."""
+"""The `vlm` command-line clients against the real llava pipeline, and real `vlm serve-model`
+and `vlm serve-preprocessor` processes, end to end, shut down by SIGTERM."""
 
 from __future__ import annotations
 
@@ -83,26 +83,62 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def test_serve_preprocessor_process_sigterm_is_graceful(llava_pipeline) -> None:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [*VLM, "serve-preprocessor", "--model", str(llava_pipeline.model_dir), "--port", str(port),
-         "--metrics-port", "-1", "--workers", "1", "--dtype", "float32", "--grace", "2"],
+async def _wait_serving(proc: subprocess.Popen, target: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    status = ""
+    while time.monotonic() < deadline and proc.poll() is None:
+        res = await _run("health", "--target", target, timeout=30)
+        status = res.stdout.strip()
+        if status == "SERVING":
+            return
+        await asyncio.sleep(1)
+    detail = proc.stderr.read()[-3000:] if proc.poll() is not None else status
+    raise AssertionError(f"{target} not SERVING: {detail}")
+
+
+async def test_serve_commands_as_processes_end_to_end_and_sigterm(llava_pipeline, image_file, tmp_path) -> None:
+    """Both services as users run them: `vlm serve-model` and `vlm serve-preprocessor
+    --model-target` started at the same time (the preprocessor may come up first), a generation
+    through both, the same GetModelInfo on both, then SIGTERM: both exit 0."""
+    model_port, pre_port = _free_port(), _free_port()
+    model_dir = str(llava_pipeline.model_dir)
+    model = subprocess.Popen(
+        [*VLM, "serve-model", "--model", model_dir, "--port", str(model_port), "--metrics-port", "-1",
+         "--max-model-len", "1024", "--enforce-eager", "--dtype", "float32", "--seed", "0",
+         "--kv-cache-memory-bytes", str(128 << 20), "--grace", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    pre = subprocess.Popen(
+        [*VLM, "serve-preprocessor", "--model", model_dir, "--port", str(pre_port),
+         "--metrics-port", "-1", "--workers", "1", "--max-model-len", "1024", "--dtype", "float32",
+         "--model-target", f"127.0.0.1:{model_port}", "--grace", "2"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 240
-        status = ""
-        while time.monotonic() < deadline and proc.poll() is None:
-            res = await _run("health", "--target", f"127.0.0.1:{port}", timeout=30)
-            status = res.stdout.strip()
-            if status == "SERVING":
-                break
-            await asyncio.sleep(1)
-        assert status == "SERVING", proc.stderr.read() if proc.poll() is not None else status
-        proc.send_signal(signal.SIGTERM)
-        rc = await asyncio.to_thread(proc.wait, 60)
-        assert rc == 0
+        await _wait_serving(pre, f"127.0.0.1:{pre_port}")
+        await _wait_serving(model, f"127.0.0.1:{model_port}")
+        messages = tmp_path / "chat.json"
+        messages.write_text(json.dumps([
+            {"role": "user", "content": [{"type": "image", "path": str(image_file)},
+                                         {"type": "text", "text": "Describe it."}]},
+        ]))
+        res = await _run("generate", "--target", f"127.0.0.1:{pre_port}", "--messages", str(messages),
+                         "--max-tokens", "5", "--temperature", "0", "--ignore-eos", "--json")
+        assert res.returncode == 0, res.stderr
+        out = json.loads(res.stdout)
+        # Same greedy tokens as the in-process pair of the same model.
+        ref = await _run("generate", "--target", llava_pipeline.pre_target, "--messages", str(messages),
+                         "--max-tokens", "5", "--temperature", "0", "--ignore-eos", "--json")
+        assert out["token_ids"] == json.loads(ref.stdout)["token_ids"]
+        from vlm.client import ModelClient, PreprocessorClient
+
+        async with PreprocessorClient(f"127.0.0.1:{pre_port}") as p, ModelClient(f"127.0.0.1:{model_port}") as m:
+            assert await p.model_info() == await m.model_info()
+        for proc in (pre, model):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (pre, model):
+            assert await asyncio.to_thread(proc.wait, 90) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for proc in (pre, model):
+            if proc.poll() is None:
+                proc.kill()
