@@ -12,7 +12,7 @@ from model_svc.engine import Engine
 from model_svc.metrics import ModelMetrics
 from model_svc.servicer import ModelServicer
 from vlm.model.v1 import model_pb2, model_pb2_grpc
-from vlm.server import GrpcApp, ServerOptions
+from vlm.server import GrpcApp, ServerOptions, freeze_gc_heap
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class ModelApp:
             raise
         metrics.bind(engine)
         servicer.attach(engine)
+        freeze_gc_heap()
         await app.set_serving(True)
         self = cls(app, engine)
         self._watch = asyncio.create_task(self._watch_engine())

@@ -9,7 +9,7 @@ from preprocessor_svc.pool import PoolConfig, Preprocessor
 from preprocessor_svc.processing import ProcessorConfig
 from preprocessor_svc.servicer import SERVICE_NAME, PreprocessorServicer, add_to_server
 from vlm.client import ModelClient
-from vlm.server import GrpcApp, ServerOptions
+from vlm.server import GrpcApp, ServerOptions, freeze_gc_heap
 
 
 @dataclass
@@ -42,6 +42,7 @@ class PreprocessorApp:
             preprocessor = await Preprocessor.start(config, pool)
             metrics.bind(preprocessor)
             servicer.attach(preprocessor)
+            freeze_gc_heap()
             await app.set_serving(True)
         except BaseException:
             await app.stop(0)

@@ -45,6 +45,7 @@ from preprocessor_svc.processing import PreprocessMetrics, Processor, ProcessorC
 from vlm.convert import EncodedItem, EncodedPrompt, encode_prompt
 from vlm.errors import Internal, ResourceExhausted, Unavailable, VlmError
 from vlm.profile import ModelProfile
+from vlm.server import freeze_gc_heap
 from vlm.types import ModelInfo, Prompt, PromptInput
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class PoolConfig:
     workers: int = 1
     #: Requests allowed to wait for a worker; beyond that, ResourceExhausted.
     max_queue: int = 64
+    #: Torch intra-op threads per worker process; None: the cores divided among the workers.
+    torch_threads: int | None = None
     #: Per-request processing deadline in a worker process (the worker is restarted after it).
     request_timeout_s: float | None = 120.0
     startup_timeout_s: float = 600.0
@@ -74,6 +77,8 @@ class PoolConfig:
             raise ValueError("workers must be >= 0")
         if self.max_queue < 0:
             raise ValueError("max_queue must be >= 0")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError("torch_threads must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,7 @@ def _worker_main(config: ProcessorConfig, threads: int, conn: Any, index: int) -
         processor = Processor(config)
         if config.warmup:
             processor.warmup()
+        freeze_gc_heap()
         conn.send(("ready", processor.profile, processor.build_seconds))
     except BaseException as e:  # noqa: BLE001 - report any start-up failure to the parent
         logger.exception("preprocessor worker %d failed to start", index)
@@ -208,7 +214,7 @@ class _ProcessWorker:
     def start(self) -> tuple[ModelProfile, float]:
         """Spawn and wait until the worker's processor is built (blocking)."""
         parent, child = self._ctx.Pipe(duplex=True)
-        threads = max(1, (os.cpu_count() or 1) // max(1, self.pool.workers))
+        threads = self.pool.torch_threads or max(1, (os.cpu_count() or 1) // max(1, self.pool.workers))
         proc = self._ctx.Process(
             target=_worker_main,
             args=(self.config, threads, child, self.index),
