@@ -539,10 +539,10 @@ class PairSystem(System):
         pre_cmd = [sys.executable, "-m", "preprocessor_svc.main", "--model", str(c["model_dir"]),
                    "--host", "127.0.0.1", "--port", str(self.pre_port),
                    "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_ports["preprocessor_svc"]),
-                   # One worker with one torch thread: on these 2 cores vLLM's CPU worker holds one
-                   # core; more preprocessing threads only contend with the engine (measured: 2
-                   # threads doubled the engine's CPU per request and made token delivery bursty).
-                   "--workers", "1", "--torch-threads", "1", "--model-target", f"127.0.0.1:{self.model_port}",
+                   # One worker (the default on 2 cores), one torch thread (the default): vLLM's CPU
+                   # worker holds one core; with 2 preprocessing threads the engine's CPU per
+                   # request doubled and token delivery turned bursty.
+                   "--workers", "1", "--model-target", f"127.0.0.1:{self.model_port}",
                    "--dtype", str(c["engine_kwargs"]["dtype"]),
                    "--max-model-len", str(c["engine_kwargs"]["max_model_len"])]
         # Started together, as compose does.

@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="must resolve to the model service's dtype")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="preprocessing worker processes (0 = in-process thread)")
-    p.add_argument("--torch-threads", type=int, default=None,
-                   help="torch threads per worker (default: the cores divided among the workers)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch intra-op threads per worker process (scale out with --workers)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a worker before RESOURCE_EXHAUSTED")
     p.add_argument("--max-model-len", type=int, default=None)
