@@ -300,10 +300,6 @@ class EncodedPrompt:
     def hashes(self) -> tuple[str, ...]:
         return tuple(it.hash for it in self.items)
 
-    @property
-    def nbytes(self) -> int:
-        return len(self.head) + sum(len(it.full) for it in self.items)
-
     def pieces(self, omit_fields_for: Collection[str] = ()) -> Pieces:
         """The serialized `PreprocessedPrompt` in pieces; items whose hash is in
         `omit_fields_for` go hash-only."""

@@ -160,7 +160,7 @@ def test_encoded_prompt_frames_into_outgoing_messages() -> None:
 
     p = _prompt()
     enc = convert.encode_prompt(p)
-    assert enc.hashes == ("h-image", "h-video") and enc.nbytes > 6 * 8 * 2
+    assert enc.hashes == ("h-image", "h-video")
     assert enc.decoded.items[1].placeholder == p.items[1].placeholder
 
     resp = pre_pb.PreprocessResponse.FromString(
