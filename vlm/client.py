@@ -62,7 +62,9 @@ class _Client:
 class ModelClient(_Client):
     """Client of `vlm.model.v1.ModelService`."""
 
-    _GENERATE = "/vlm.model.v1.ModelService/Generate"
+    _GENERATE = "/{}/Generate".format(
+        model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+    )
 
     def __init__(
         self, target: str, *, channel: grpc.aio.Channel | None = None, remember_hashes: int = 4096

@@ -56,7 +56,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def encode_wire(tensor: torch.Tensor) -> list[bytes | memoryview]:
+def encode_wire(tensor: torch.Tensor) -> Pieces:
     """A tensor (any device, any strides) as the pieces of a serialized `Tensor` message: the
     header (dtype, shape) and a view of the raw bytes, so that large tensors are copied once,
     when the caller joins the pieces. The only tensor serialisation (`encode` uses it)."""
@@ -69,12 +69,22 @@ def encode_wire(tensor: torch.Tensor) -> list[bytes | memoryview]:
         return [head]
     # A flat byte view works for every dtype, bfloat16 included (numpy has no bfloat16).
     data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-    return [head, _DATA_TAG + _varint(data.nbytes), data]
+    return [head, *length_delimited(_DATA, [data])]
 
 
 def encode(tensor: torch.Tensor) -> tensor_pb2.Tensor:
     """Serialize a tensor to a `Tensor` message."""
     return tensor_pb2.Tensor.FromString(b"".join(encode_wire(tensor)))
+
+
+Pieces = list[bytes | memoryview]
+
+
+def length_delimited(number: int, pieces: Pieces) -> Pieces:
+    """Protobuf field `number` (an embedded message or bytes) holding the concatenation of
+    `pieces`, as pieces: tag and length prefixed, nothing copied."""
+    size = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in pieces)
+    return [_varint(number << 3 | 2) + _varint(size), *pieces]
 
 
 def _varint(n: int) -> bytes:
@@ -86,7 +96,7 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-_DATA_TAG = _varint(tensor_pb2.Tensor.DESCRIPTOR.fields_by_name["data"].number << 3 | 2)
+_DATA = tensor_pb2.Tensor.DESCRIPTOR.fields_by_name["data"].number
 
 
 def decode(

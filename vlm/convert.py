@@ -27,6 +27,7 @@ from vlm.common.v1 import generation_pb2 as gen_pb
 from vlm.common.v1 import multimodal_pb2 as mm_pb
 from vlm.errors import InvalidArgument
 from vlm.model.v1 import model_pb2
+from vlm.preprocessor.v1 import preprocessor_pb2 as pre_pb
 
 # ---------------------------------------------------------------------------------- enums
 
@@ -237,14 +238,7 @@ def prompt_from_pb(
 # ---------------------------------------------------------------------------------- wire form
 
 
-_varint = codec._varint
-Pieces = list[bytes | memoryview]
-
-
-def _message_field(number: int, pieces: Pieces) -> Pieces:
-    """A length-delimited field (an embedded message) on the wire, as pieces."""
-    size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces)
-    return [_varint(number << 3 | 2) + _varint(size), *pieces]
+Pieces = codec.Pieces
 
 
 def _item_wire(item: types.Item) -> Pieces:
@@ -261,14 +255,14 @@ def _item_wire(item: types.Item) -> Pieces:
     pieces: Pieces = [head]
     for name in sorted(item.fields or {}):
         f = item.fields[name]  # type: ignore[index]
-        value = _message_field(_ITEMFIELD_TENSOR, codec.encode_wire(f.data))
+        value = codec.length_delimited(_ITEMFIELD_TENSOR, codec.encode_wire(f.data))
         value.append(
             mm_pb.ItemField(
                 layout=_LAYOUT_TO_PB[f.layout], flat_dim=f.flat_dim, keep_on_cpu=f.keep_on_cpu
             ).SerializeToString()
         )
         key = mm_pb.MultiModalItem.FieldsEntry(key=name).SerializeToString()
-        pieces += _message_field(_ITEM_FIELDS, [key, *_message_field(_ENTRY_VALUE, value)])
+        pieces += codec.length_delimited(_ITEM_FIELDS, [key, *codec.length_delimited(_ENTRY_VALUE, value)])
     return pieces
 
 
@@ -276,7 +270,7 @@ _ITEM_FIELDS = mm_pb.MultiModalItem.DESCRIPTOR.fields_by_name["fields"].number
 _ENTRY_VALUE = mm_pb.MultiModalItem.FieldsEntry.DESCRIPTOR.fields_by_name["value"].number
 _ITEMFIELD_TENSOR = mm_pb.ItemField.DESCRIPTOR.fields_by_name["tensor"].number
 _ITEMS = mm_pb.PreprocessedPrompt.DESCRIPTOR.fields_by_name["items"].number
-_RESPONSE_PROMPT = 1  # PreprocessResponse.prompt (checked against the descriptor in tests)
+_RESPONSE_PROMPT = pre_pb.PreprocessResponse.DESCRIPTOR.fields_by_name["prompt"].number
 _REQUEST_PROMPT = model_pb2.GenerateRequest.DESCRIPTOR.fields_by_name["prompt"].number
 
 
@@ -323,8 +317,8 @@ def encode_prompt(p: types.Prompt) -> EncodedPrompt:
     items = tuple(
         EncodedItem(
             hash=it.hash,
-            full=b"".join(_message_field(_ITEMS, _item_wire(it))),
-            bare=b"".join(_message_field(_ITEMS, _item_wire(it.without_fields()))),
+            full=b"".join(codec.length_delimited(_ITEMS, _item_wire(it))),
+            bare=b"".join(codec.length_delimited(_ITEMS, _item_wire(it.without_fields()))),
         )
         for it in p.items
     )
@@ -335,7 +329,7 @@ def preprocess_response_bytes(
     p: EncodedPrompt, *, omit_fields_for: Collection[str] = ()
 ) -> bytes:
     """A serialized `vlm.preprocessor.v1.PreprocessResponse` holding `p`."""
-    return b"".join(_message_field(_RESPONSE_PROMPT, p.pieces(omit_fields_for)))
+    return b"".join(codec.length_delimited(_RESPONSE_PROMPT, p.pieces(omit_fields_for)))
 
 
 def model_generate_request_bytes(
@@ -347,7 +341,7 @@ def model_generate_request_bytes(
 ) -> bytes:
     """A serialized `vlm.model.v1.GenerateRequest`."""
     rest = model_pb2.GenerateRequest(request_id=request_id, sampling=sampling).SerializeToString()
-    return b"".join([rest, *_message_field(_REQUEST_PROMPT, p.pieces(omit_fields_for))])
+    return b"".join([rest, *codec.length_delimited(_REQUEST_PROMPT, p.pieces(omit_fields_for))])
 
 
 # ---------------------------------------------------------------------------------- sampling
