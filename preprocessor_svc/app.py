@@ -1,22 +1,99 @@
-"""Assembles the preprocessor service: domain core + servicer + gRPC app (used by `main` and tests)."""
+"""Assembles the preprocessor service: worker pool + gateway + servicer + gRPC app (used by
+`main` and tests).
+
+Start-up with model targets (the gateway):
+
+1. Bind the port, NOT_SERVING (health checks get an answer, RPCs get UNAVAILABLE).
+2. Discover the replicas and handshake (`GetModelInfo`), retrying until one that serves this
+   model's files answers: the services may start in any order.
+3. Adopt what the preprocessor was not told explicitly from that replica's profile: the dtype
+   features travel in (`--dtype auto`), the max length and the per-modality item limits.
+4. Start and warm the workers; from then on a replica is compatible only when its full
+   fingerprint (feature dtype included) equals the workers' profile.
+5. SERVING while at least one compatible replica is; each replica's state is also reported
+   as health service `replica/ADDRESS`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import dataclasses
+import logging
+from dataclasses import dataclass, field
 
+from preprocessor_svc.gateway import Gateway
 from preprocessor_svc.metrics import PreprocessorMetrics
 from preprocessor_svc.pool import PoolConfig, Preprocessor
 from preprocessor_svc.processing import ProcessorConfig
+from preprocessor_svc.replicas import ReplicaSet, ReplicaState
 from preprocessor_svc.servicer import SERVICE_NAME, PreprocessorServicer, add_to_server
-from vlm.client import ModelClient
+from vlm import types
+from vlm.fingerprint import compute_fingerprint
 from vlm.server import GrpcApp, ServerOptions, freeze_gc_heap
+
+log = logging.getLogger(__name__)
+
+REPLICA_HEALTH_PREFIX = "replica/"
+
+
+def adopt_model_info(config: ProcessorConfig, info: types.ModelInfo) -> ProcessorConfig:
+    """`config` with the facts it leaves open taken from a model replica's profile."""
+    changes: dict[str, object] = {}
+    if config.dtype == "auto" and info.fingerprint.feature_dtype:
+        changes["dtype"] = info.fingerprint.feature_dtype
+    if config.max_model_len is None:
+        changes["max_model_len"] = info.max_model_len
+    if config.limit_mm_per_prompt is None and info.modalities:
+        changes["limit_mm_per_prompt"] = {
+            m.modality.value: m.max_items_per_prompt for m in info.modalities
+        }
+    if changes:
+        log.info("adopted from the model replica %s: %s", info.model_id, changes)
+    return dataclasses.replace(config, **changes)
+
+
+def _files_check(config: ProcessorConfig):
+    """Before the workers exist: does a replica serve the same model files and impl?"""
+    try:
+        own = compute_fingerprint(
+            config.model, config.model_impl, feature_dtype="", revision=config.revision
+        )
+    except FileNotFoundError:
+        own = None  # a hub id not cached yet: the workers fetch it; the full check follows
+
+    def check(info: types.ModelInfo) -> str | None:
+        fp = info.fingerprint
+        if fp.model_impl != config.model_impl or (own and fp.config_hash != own.config_hash):
+            mine = own.describe() if own else f"{config.model!r} (impl {config.model_impl!r})"
+            return f"serves another model: {fp.describe()}, this gateway prepares {mine}"
+        return None
+
+    return check
+
+
+def _profile_check(expected: types.Fingerprint):
+    def check(info: types.ModelInfo) -> str | None:
+        if not info.fingerprint.same_model(expected):
+            return (f"serves another model: {info.fingerprint.describe()}, "
+                    f"this gateway prepares {expected.describe()}")
+        return None
+
+    return check
 
 
 @dataclass
 class PreprocessorApp:
     grpc: GrpcApp
-    preprocessor: Preprocessor
-    model_client: ModelClient | None
+    gateway: Gateway
+    _health_task: asyncio.Task | None = field(default=None, repr=False)
+
+    @property
+    def preprocessor(self) -> Preprocessor:
+        return self.gateway.preprocessor
+
+    @property
+    def replicas(self) -> ReplicaSet | None:
+        return self.gateway.replicas
 
     @classmethod
     async def start(
@@ -26,35 +103,87 @@ class PreprocessorApp:
         options: ServerOptions,
         metrics: PreprocessorMetrics | None = None,
         *,
-        model_target: str | None = None,
+        model_targets: tuple[str, ...] = (),
+        resolve_interval_s: float = 30.0,
     ) -> PreprocessorApp:
-        """Bind the port (NOT_SERVING), start and warm the workers, then report SERVING."""
+        """Bind the port (NOT_SERVING), handshake with a replica (when there are targets),
+        start and warm the workers, then report SERVING (see the module docstring)."""
         metrics = metrics or PreprocessorMetrics()
         app = GrpcApp("preprocessor", options, metrics)
+        servicer = PreprocessorServicer()
+        app.add_service(add_to_server, servicer, SERVICE_NAME)
+        changed = asyncio.Event()
+        replicas = (
+            ReplicaSet(model_targets, _files_check(config), resolve_interval_s=resolve_interval_s,
+                       on_change=changed.set)
+            if model_targets else None
+        )
         preprocessor = None
-        model_client = ModelClient(model_target) if model_target else None
         try:
-            # The port is bound before the workers start, so health checks see NOT_SERVING
-            # during warm-up (and RPCs get UNAVAILABLE) rather than a refused connection.
-            servicer = PreprocessorServicer(metrics, model_client)
-            app.add_service(add_to_server, servicer, SERVICE_NAME)
             await app.start()
+            if replicas is not None:
+                await replicas.start()
+                info = await _wait_for_model(replicas, config)
+                config = adopt_model_info(config, info)
             preprocessor = await Preprocessor.start(config, pool)
             metrics.bind(preprocessor)
-            servicer.attach(preprocessor)
+            if replicas is not None:
+                replicas.set_check(_profile_check(preprocessor.profile.fingerprint))
+                metrics.bind_replicas(replicas)
+            gateway = Gateway(preprocessor, metrics, replicas)
+            servicer.attach(gateway)
             freeze_gc_heap()
-            await app.set_serving(True)
         except BaseException:
             await app.stop(0)
             if preprocessor is not None:
                 await preprocessor.close()
-            if model_client is not None:
-                await model_client.close()
+            if replicas is not None:
+                await replicas.close()
             raise
-        return cls(app, preprocessor, model_client)
+        self = cls(app, gateway)
+        if replicas is None:
+            await app.set_serving(True)
+        else:
+            await self._sync_health()
+            self._health_task = asyncio.create_task(self._follow_replicas(changed))
+        return self
+
+    async def _follow_replicas(self, changed: asyncio.Event) -> None:
+        while True:
+            await changed.wait()
+            changed.clear()
+            await self._sync_health()
+
+    async def _sync_health(self) -> None:
+        """End-to-end health: SERVING while at least one compatible replica serves."""
+        replicas = self.replicas
+        assert replicas is not None
+        for s in replicas.statuses():
+            await self.grpc.set_health(
+                REPLICA_HEALTH_PREFIX + s.address, s.state is ReplicaState.SERVING
+            )
+        await self.grpc.set_serving(self.gateway.serving)
 
     async def close(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
         await self.grpc.stop(0)
         await self.preprocessor.close()
-        if self.model_client is not None:
-            await self.model_client.close()
+        if self.replicas is not None:
+            await self.replicas.close()
+
+
+async def _wait_for_model(replicas: ReplicaSet, config: ProcessorConfig) -> types.ModelInfo:
+    """The first compatible replica's profile; logs every 10 s why there is none yet."""
+    check = _files_check(config)
+    waiter = asyncio.ensure_future(replicas.wait_for(lambda info: check(info) is None))
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=10.0)
+            if done:
+                return waiter.result()
+            why = "; ".join(f"{s.address}: {s.state.value} ({s.reason})" for s in replicas.statuses())
+            log.warning("waiting for a model replica of %s: %s", config.model, why or "none resolved")
+    finally:
+        waiter.cancel()

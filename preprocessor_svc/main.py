@@ -2,10 +2,12 @@
 
     vlm serve-preprocessor --model MODEL [--model-impl auto|transformers] [--host H] [--port P]
                            [--metrics-port M] [--workers N] [--max-queue Q]
-                           [--model-target HOST:PORT] ...
+                           [--model-target HOST:PORT ...] ...
 
 Loads the model's config, tokenizer and processor only (no weights) in each worker process,
-warms every worker up, then reports SERVING.
+warms every worker up, then reports SERVING. With `--model-target` (repeatable; a DNS name
+expands to one replica per address) it is also the gateway: it handshakes with the model
+replicas first, adopting their feature dtype and limits, and is SERVING while one of them is.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--revision", default=None)
     p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--dtype", default="auto", help="must resolve to the model service's dtype")
+    p.add_argument("--dtype", default="auto",
+                   help="dtype float features travel in; 'auto' with --model-target: the replicas'")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="preprocessing worker processes (0 = in-process thread)")
     p.add_argument("--torch-threads", type=int, default=1,
@@ -53,8 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-video-bytes", type=int, default=MediaLimits.max_video_bytes)
     p.add_argument("--request-timeout", type=float, default=120.0,
                    help="seconds one prompt may take in a worker")
-    p.add_argument("--model-target", default=None,
-                   help="model service HOST:PORT that Generate forwards to")
+    p.add_argument("--model-target", action="append", default=[], metavar="HOST:PORT",
+                   help="model service replica(s) Generate forwards to (repeatable; a DNS name "
+                        "expands to every address it resolves to)")
+    p.add_argument("--resolve-interval", type=float, default=30.0,
+                   help="seconds between DNS re-resolutions of the model targets")
     p.add_argument("--log-level", default="INFO")
     add_server_args(p, port=50051, metrics_port=9101)
     return p
@@ -93,7 +99,8 @@ async def serve(args: argparse.Namespace) -> None:
     options = ServerOptions.from_args(args)
     processor, pool = config_from_args(args)
     app = await PreprocessorApp.start(
-        processor, pool, options, PreprocessorMetrics(), model_target=args.model_target
+        processor, pool, options, PreprocessorMetrics(),
+        model_targets=tuple(args.model_target), resolve_interval_s=args.resolve_interval,
     )
     try:
         await app.grpc.serve_until_signal()

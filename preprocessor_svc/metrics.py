@@ -14,6 +14,7 @@ from vlm.server import BaseMetrics
 
 if TYPE_CHECKING:
     from preprocessor_svc.pool import PooledResult, Preprocessor
+    from preprocessor_svc.replicas import ReplicaSet
 
 _DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                      10.0, 30.0, 60.0)
@@ -48,6 +49,45 @@ class _PoolCollector(Collector):
             yield CounterMetricFamily(f"{P}_{name}", doc, value=value)
 
 
+class _ReplicaCollector(Collector):
+    """Per model replica (label `replica`: its address; bounded by the replica count)."""
+
+    def __init__(self, replicas: ReplicaSet) -> None:
+        self._replicas = replicas
+
+    def collect(self) -> Iterator[Metric]:
+        replicas = self._replicas.replicas
+        up = GaugeMetricFamily(f"{P}_gateway_replica_up",
+                               "1 while the model replica is compatible and SERVING.", labels=["replica"])
+        in_flight = GaugeMetricFamily(f"{P}_gateway_replica_in_flight",
+                                      "Requests this gateway has in flight on the replica.", labels=["replica"])
+        counters = {
+            "requests": CounterMetricFamily(
+                f"{P}_gateway_replica_requests", "Requests sent to the replica (retries included).",
+                labels=["replica"]),
+            "failovers": CounterMetricFamily(
+                f"{P}_gateway_replica_failovers",
+                "Requests that failed on the replica before their first token and were retried on another.",
+                labels=["replica"]),
+            "resends": CounterMetricFamily(
+                f"{P}_gateway_replica_resends",
+                "Items resent with their features after the replica answered MISSING_FEATURES.",
+                labels=["replica"]),
+            "affinity_hits": CounterMetricFamily(
+                f"{P}_gateway_replica_affinity_hits",
+                "Requests with media routed to the replica that was already sent their first item.",
+                labels=["replica"]),
+        }
+        for r in replicas:
+            up.add_metric([r.address], 1.0 if r.serving else 0.0)
+            in_flight.add_metric([r.address], r.in_flight)
+            for name, family in counters.items():
+                family.add_metric([r.address], getattr(r.counters, name))
+        yield up
+        yield in_flight
+        yield from counters.values()
+
+
 class PreprocessorMetrics(BaseMetrics):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         super().__init__("preprocessor", registry)
@@ -71,6 +111,10 @@ class PreprocessorMetrics(BaseMetrics):
     def bind(self, preprocessor: Preprocessor) -> None:
         """Export the pool's gauges and counters, read at scrape time."""
         self.registry.register(_PoolCollector(preprocessor))
+
+    def bind_replicas(self, replicas: ReplicaSet) -> None:
+        """Export the gateway's per-replica gauges and counters, read at scrape time."""
+        self.registry.register(_ReplicaCollector(replicas))
 
     def record(self, result: PooledResult) -> None:
         """Record one request's metrics."""

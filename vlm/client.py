@@ -75,6 +75,12 @@ class ModelClient(_Client):
         self._generate_raw = self.channel.unary_stream(self._GENERATE)
         self._sent: OrderedDict[str, None] = OrderedDict()
         self._remember = remember_hashes
+        #: Items sent again with their fields after MISSING_FEATURES (the receiver had lost them).
+        self.resent_items = 0
+
+    def has_sent(self, item_hash: str) -> bool:
+        """Whether this client recently sent `item_hash` (its next request sends it hash-only)."""
+        return item_hash in self._sent
 
     def _mark_sent(self, hashes: tuple[str, ...]) -> None:
         for h in hashes:
@@ -126,6 +132,7 @@ class ModelClient(_Client):
                     for h in exc.missing_hashes:
                         self._sent.pop(h, None)
                     omit -= set(exc.missing_hashes)
+                    self.resent_items += len(exc.missing_hashes)
                     continue
                 raise exc from None
             finally:
@@ -158,9 +165,9 @@ class ModelClient(_Client):
             raise upstream_error(err) from None
         return resp.found
 
-    async def model_info(self) -> types.ModelInfo:
+    async def model_info(self, *, timeout: float | None = None) -> types.ModelInfo:
         try:
-            resp = await self._stub.GetModelInfo(model_pb2.GetModelInfoRequest())
+            resp = await self._stub.GetModelInfo(model_pb2.GetModelInfoRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as err:
             raise upstream_error(err) from None
         return convert.model_info_from_pb(resp.info)

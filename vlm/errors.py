@@ -1,8 +1,9 @@
 """One exception hierarchy for both services; each class carries its gRPC status code.
 
 Domain code raises these; `vlm.server.ErrorMappingInterceptor` maps them to a status at the edge,
-with a machine-readable `ErrorDetail` in trailing metadata. Third-party errors (PIL, torch, vLLM)
-are translated into these once, where they are caught.
+with a machine-readable `ErrorDetail` in trailing metadata. The OpenAI HTTP front door maps the
+same classes to `http_status`. Third-party errors (PIL, torch, vLLM) are translated into these
+once, where they are caught.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ class VlmError(Exception):
 
     def details(self) -> str:
         return f"{self.field}: {self.message}" if self.field else self.message
+
+    @property
+    def http_status(self) -> int:
+        """The HTTP status for the same error (OpenAI-compatible front door); a size or item
+        limit, here or upstream, is 413."""
+        if self.reason == LimitExceeded.reason:
+            return 413
+        return HTTP_STATUS.get(self.code, 500)
 
 
 class InvalidArgument(VlmError):
@@ -99,6 +108,11 @@ class Unavailable(VlmError):
     reason = "UNAVAILABLE"
 
 
+class DeadlineExceeded(VlmError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
+
+
 class Internal(VlmError):
     code = grpc.StatusCode.INTERNAL
     reason = "INTERNAL"
@@ -121,6 +135,23 @@ class UpstreamError(VlmError):
         self.reason = reason
         self.upstream_field = field
         self.missing_hashes = tuple(missing_hashes)
+
+
+#: gRPC status → HTTP status, for errors that leave through the HTTP front door.
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
 
 
 def _rebuild(cls: type[VlmError], message: str, state: dict) -> VlmError:

@@ -347,13 +347,16 @@ class GrpcApp:
         return self.port
 
     async def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        """The server's overall health and that of each of its services."""
         for name in ("", *self._service_names):
-            await self.health.set(name, status)
+            await self.set_health(name, serving)
+
+    async def set_health(self, name: str, serving: bool) -> None:
+        """One health entry (a service, or a component such as a model replica)."""
+        await self.health.set(
+            name,
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
 
     def request_stop(self) -> None:
         self._stopping.set()

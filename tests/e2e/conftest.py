@@ -85,7 +85,7 @@ async def start_pipeline(arch: str, root: Path, **engine_overrides) -> Pipeline:
             ),
             PoolConfig(workers=1),
             ServerOptions(grace_s=1.0),
-            model_target=f"127.0.0.1:{model.grpc.port}",
+            model_targets=(f"127.0.0.1:{model.grpc.port}",),
         )
     except BaseException:
         await model.close()
