@@ -81,11 +81,39 @@ def _profile_check(expected: types.Fingerprint):
     return check
 
 
+class _EndToEndHealth:
+    """Keeps health current from the replicas' state changes: one entry per replica
+    (`replica/ADDRESS`), and the server SERVING while the gateway is up and one compatible
+    replica serves. Runs from the handshake on, so the entries tell why during the wait."""
+
+    def __init__(self, grpc_app: GrpcApp, replicas: ReplicaSet, changed: asyncio.Event) -> None:
+        self._grpc, self._replicas, self._changed = grpc_app, replicas, changed
+        self.gateway: Gateway | None = None
+        self._task = asyncio.create_task(self._follow(), name="end-to-end health")
+
+    async def _follow(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            await self.sync()
+
+    async def sync(self) -> None:
+        for s in self._replicas.statuses():
+            await self._grpc.set_health(
+                REPLICA_HEALTH_PREFIX + s.address, s.state is ReplicaState.SERVING
+            )
+        await self._grpc.set_serving(self.gateway is not None and self.gateway.serving)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
 @dataclass
 class PreprocessorApp:
     grpc: GrpcApp
     gateway: Gateway
-    _health_task: asyncio.Task | None = field(default=None, repr=False)
+    _health: _EndToEndHealth | None = field(default=None, repr=False)
 
     @property
     def preprocessor(self) -> Preprocessor:
@@ -118,11 +146,12 @@ class PreprocessorApp:
                        on_change=changed.set)
             if model_targets else None
         )
-        preprocessor = None
+        preprocessor = health = None
         try:
             await app.start()
             if replicas is not None:
                 await replicas.start()
+                health = _EndToEndHealth(app, replicas, changed)
                 info = await _wait_for_model(replicas, config)
                 config = adopt_model_info(config, info)
             preprocessor = await Preprocessor.start(config, pool)
@@ -133,41 +162,25 @@ class PreprocessorApp:
             gateway = Gateway(preprocessor, metrics, replicas)
             servicer.attach(gateway)
             freeze_gc_heap()
+            if health is None:
+                await app.set_serving(True)
+            else:
+                health.gateway = gateway
+                await health.sync()
         except BaseException:
+            if health is not None:
+                await health.close()
             await app.stop(0)
             if preprocessor is not None:
                 await preprocessor.close()
             if replicas is not None:
                 await replicas.close()
             raise
-        self = cls(app, gateway)
-        if replicas is None:
-            await app.set_serving(True)
-        else:
-            await self._sync_health()
-            self._health_task = asyncio.create_task(self._follow_replicas(changed))
-        return self
-
-    async def _follow_replicas(self, changed: asyncio.Event) -> None:
-        while True:
-            await changed.wait()
-            changed.clear()
-            await self._sync_health()
-
-    async def _sync_health(self) -> None:
-        """End-to-end health: SERVING while at least one compatible replica serves."""
-        replicas = self.replicas
-        assert replicas is not None
-        for s in replicas.statuses():
-            await self.grpc.set_health(
-                REPLICA_HEALTH_PREFIX + s.address, s.state is ReplicaState.SERVING
-            )
-        await self.grpc.set_serving(self.gateway.serving)
+        return cls(app, gateway, health)
 
     async def close(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
-            await asyncio.gather(self._health_task, return_exceptions=True)
+        if self._health is not None:
+            await self._health.close()
         await self.grpc.stop(0)
         await self.preprocessor.close()
         if self.replicas is not None:
