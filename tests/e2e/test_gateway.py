@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
+from prometheus_client import generate_latest
 
 from preprocessor_svc.app import REPLICA_HEALTH_PREFIX, PreprocessorApp
 from preprocessor_svc.pool import PoolConfig
@@ -33,7 +34,7 @@ from vlm import types
 from vlm.client import ModelClient, PreprocessorClient, check_health
 from vlm.errors import UpstreamError
 from vlm.server import ServerOptions
-from vlm.testing.tiny_models import SPECS
+from vlm.testing.tiny_models import build_tiny_model
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session")]
 
@@ -185,6 +186,9 @@ async def test_affinity_repeated_image_is_a_feature_store_hit_on_the_same_replic
     assert r1.counters.affinity_hits == before + 1  # the second went hash-only to the same replica
     assert hits._value.get() == before_hits + 1  # ... and was resolved from its feature store
     assert r1.counters.resends == 0
+    exposition = generate_latest(gateway.grpc.metrics.registry).decode()
+    assert f'vlm_gateway_replica_affinity_hits_total{{replica="{r1.address}"}}' in exposition
+    assert f'vlm_gateway_replica_up{{replica="{r1.address}"}} 1.0' in exposition
 
 
 async def test_text_only_requests_spread_by_load(gateway) -> None:
@@ -298,3 +302,30 @@ async def test_replica_with_another_model_is_refused(gateway, r2, llava_pipeline
         await lonely.close()
     # And the running gateway still serves on R1.
     assert len(_tokens(await _generate(_target(gateway), _chat(png(6))))) == GREEDY.max_tokens
+
+
+async def test_gateway_for_other_model_files_waits_not_serving_and_says_why(
+    llava_pipeline, e2e_models_root, caplog
+) -> None:
+    """A gateway for another model (qwen2_vl files) whose only replica serves llava: it never
+    adopts that replica, stays NOT_SERVING, and its health and log name the replica and why."""
+    caplog.set_level(logging.WARNING, logger="preprocessor_svc")
+    other = await asyncio.to_thread(build_tiny_model, "qwen2_vl", e2e_models_root / "gw-qwen2_vl")
+    port = _free_port()
+    start = asyncio.ensure_future(PreprocessorApp.start(
+        ProcessorConfig(model=str(other)),
+        PoolConfig(workers=0),
+        ServerOptions(port=port, metrics_port=None, grace_s=0.5),
+        model_targets=(llava_pipeline.model_target,),
+    ))
+    target, entry = f"127.0.0.1:{port}", REPLICA_HEALTH_PREFIX + llava_pipeline.model_target
+    try:
+        await _until(lambda: any("another model" in m for m in caplog.messages), 30, "the refusal log")
+        assert not start.done()
+        assert await check_health(target) == "NOT_SERVING"
+        assert await check_health(target, entry) == "NOT_SERVING"
+        (line,) = {m for m in caplog.messages if "another model" in m}
+        assert llava_pipeline.model_target in line and str(llava_pipeline.model_dir) in line
+    finally:
+        start.cancel()
+        await asyncio.gather(start, return_exceptions=True)
