@@ -97,9 +97,10 @@ async def _wait_serving(proc: subprocess.Popen, target: str, timeout: float = 30
 
 
 async def test_serve_commands_as_processes_end_to_end_and_sigterm(llava_pipeline, image_file, tmp_path) -> None:
-    """Both services as users run them: `vlm serve-model` and `vlm serve-preprocessor
-    --model-target` started at the same time (the preprocessor may come up first), a generation
-    through both, the same GetModelInfo on both, then SIGTERM: both exit 0."""
+    """Both services as users run them: `vlm serve-model --dtype float32` and `vlm
+    serve-preprocessor --model-target` with default flags, started at the same time (the
+    preprocessor waits for the model service's handshake), a generation through both, the same
+    GetModelInfo on both, then SIGTERM: both exit 0."""
     model_port, pre_port = _free_port(), _free_port()
     model_dir = str(llava_pipeline.model_dir)
     model = subprocess.Popen(
@@ -109,8 +110,10 @@ async def test_serve_commands_as_processes_end_to_end_and_sigterm(llava_pipeline
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     pre = subprocess.Popen(
+        # Default flags: the feature dtype (float32, where --dtype auto alone would give
+        # bfloat16) and the max length come from the model service's handshake.
         [*VLM, "serve-preprocessor", "--model", model_dir, "--port", str(pre_port),
-         "--metrics-port", "-1", "--workers", "1", "--max-model-len", "1024", "--dtype", "float32",
+         "--metrics-port", "-1", "--workers", "1",
          "--model-target", f"127.0.0.1:{model_port}", "--grace", "2"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
