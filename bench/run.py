@@ -1,11 +1,12 @@
 """`vlm bench`: run the benchmarks and write JSON + markdown results.
 
-    vlm bench [preprocess|model|all] [--quick] [--out DIR]
+    vlm bench [preprocess|model|digest|all] [--quick] [--out DIR]
 
 * `preprocess`: preprocessing throughput of the preprocessor service vs. the HF processor
   in-process (`bench.preprocess_throughput`);
 * `model`: the gRPC pair vs. an in-process vLLM AsyncLLM (`bench.model_latency`);
-* `all` (default): both, one after the other.
+* `digest`: the cost per MiB of the verified item digest (`bench.digest`);
+* `all` (default): all of them, one after the other.
 
 Each benchmark prints its markdown table and writes `<name>.json` and `<name>.md` to the output
 folder (default `bench/results/`). `--quick` uses smoke-test settings (the figures are then
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from bench.common import DEFAULT_OUT, log, write_results
 
-SUITES = ("preprocess", "model")
+SUITES = ("preprocess", "model", "digest")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         # Imported here: each module pulls in its own heavy dependencies only when run.
         if suite == "preprocess":
             from bench import preprocess_throughput as mod
+        elif suite == "digest":
+            from bench import digest as mod
         else:
             from bench import model_latency as mod
         t = time.perf_counter()

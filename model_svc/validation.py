@@ -18,6 +18,9 @@ What is checked (`PromptValidator`):
   inside the prompt; `is_embed` (when given) as long as the range with at least one True; every
   embed position holds one of the modality's placeholder token IDs (non-embed positions may hold
   anything); embed count within vLLM's encoder-cache budget (`LimitExceeded`).
+* `prompt.items[i].hash` — for an item sent with fields, the BLAKE3 digest of those fields
+  (`vlm.digest`): the hash keys the feature store and vLLM's caches, so it is verified, never
+  trusted; a hash-only item resolves only to an entry stored after that check.
 * `prompt.items[i].fields` (items sent with fields, and hash-only items once resolved) — exactly
   the field names the model's processor produces for the modality, each with the processor's
   layout (batched / flat + flat_dim / shared), keep_on_cpu, dtype, rank and non-empty shape;
@@ -47,6 +50,7 @@ from collections.abc import Sequence
 import torch
 
 from model_svc.config import Limits
+from vlm.digest import item_digest
 from vlm.errors import InvalidArgument, LimitExceeded, ModelMismatch, PromptTooLong
 from vlm.profile import FieldSpec, ModalityProfile, ModelProfile
 from vlm.types import FieldLayout, Item, ItemField, Modality, Prompt, Sampling
@@ -122,6 +126,7 @@ class PromptValidator:
             self._check_placeholder_tokens(i, item, mspec, ids)
             if item.fields is not None:
                 self.validate_item_fields(i, item)
+                self._check_digest(i, item)
                 feature_bytes += item.nbytes
         max_bytes = self.limits.max_feature_bytes_per_prompt
         if max_bytes is not None and feature_bytes > max_bytes:
@@ -194,6 +199,18 @@ class PromptValidator:
                 )
 
     # -- features ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_digest(i: int, item: Item) -> None:
+        """The hash keys the feature store and vLLM's caches: it must be the digest of the
+        fields that came with it, never just a claim."""
+        digest = item_digest(item.modality, item.fields or {})
+        if digest != item.hash:
+            raise InvalidArgument(
+                f"the item's hash is not the digest of its fields (vlm.digest.item_digest gives "
+                f"{digest}); an item's hash cannot be chosen by the sender",
+                field=f"prompt.items[{i}].hash",
+            )
 
     def validate_item_fields(self, i: int, item: Item) -> None:
         """Fields of one item against the modality's field specs, and the embed count."""

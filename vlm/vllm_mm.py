@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from vlm.digest import item_digest
 from vlm.errors import Internal
 from vlm.types import FieldLayout, Item, ItemField, Modality, Placeholder
 
@@ -72,8 +73,9 @@ def items_from_engine_input(
 ) -> tuple[Item, ...]:
     """A `MultiModalInput` dict → Items sorted by placeholder offset (prompt order).
 
-    An item whose kwargs are None (vLLM's engine-side cache holds it) becomes hash-only. `copy`:
-    see `item_fields`.
+    Each item's hash is `vlm.digest.item_digest` of its fields. An item whose kwargs are None
+    (vLLM's engine-side cache holds it) becomes hash-only under vLLM's hash. `copy`: see
+    `item_fields`.
     """
     items: list[Item] = []
     mm_kwargs = engine_input.get("mm_kwargs") or {}
@@ -85,13 +87,17 @@ def items_from_engine_input(
                 f"vLLM returned {len(ranges)} {modality_name} ranges, {len(kwargs_items)} "
                 f"feature items and {len(hashes)} hashes"
             )
+        modality = Modality(modality_name)
         for rng, h, kw in zip(ranges, hashes, kwargs_items):
+            fields = None if kw is None else item_fields(kw, copy=copy)
             items.append(
                 Item(
-                    modality=Modality(modality_name),
-                    hash=str(h),
+                    modality=modality,
+                    # The digest of the features, which the model service can verify; vLLM's
+                    # media hash only where vLLM returned no features.
+                    hash=str(h) if fields is None else item_digest(modality, fields),
                     placeholder=placeholder_from_range(rng),
-                    fields=None if kw is None else item_fields(kw, copy=copy),
+                    fields=fields,
                 )
             )
     items.sort(key=lambda it: it.placeholder.offset)

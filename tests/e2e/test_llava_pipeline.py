@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import urllib.request
 
 import grpc
@@ -108,6 +109,33 @@ async def test_unknown_hash_is_failed_precondition_listing_it(llava_pipeline) ->
     assert exc.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert exc.value.reason == "MISSING_FEATURES"
     assert exc.value.missing_hashes == ("f" * 64,)
+
+
+async def test_forged_hash_cannot_poison_the_caches(llava_pipeline) -> None:
+    """B's features sent straight to the model service under A's hash are refused (the hash
+    must be the digest of the fields), so a victim asking about A, first in full and then
+    hash-only, gets HF's tokens for A."""
+    prompt_a_in, prompt_b_in = _text_prompt(1, seeds=(31,)), _text_prompt(1, seeds=(32,))
+    async with llava_pipeline.pre_client() as pre:
+        a, b = await pre.preprocess(prompt_a_in), await pre.preprocess(prompt_b_in)
+    assert a.items[0].hash != b.items[0].hash
+    forged = types.Prompt(a.fingerprint, a.token_ids, (
+        types.Item(IMAGE, a.items[0].hash, a.items[0].placeholder, b.items[0].fields),))
+    async with llava_pipeline.model_client() as model:
+        with pytest.raises(UpstreamError) as exc:
+            await _collect(model.generate(forged, GREEDY, hash_only=False))
+        assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert exc.value.upstream_field == "prompt.items[0].hash"
+        # Nothing was stored under A's hash: a hash-only A is still unknown.
+        with pytest.raises(UpstreamError) as exc:
+            await _collect(model.generate(dataclasses.replace(a, items=(a.items[0].without_fields(),)),
+                                          GREEDY, hash_only=False))
+        assert exc.value.reason == "MISSING_FEATURES"
+    expected = await asyncio.to_thread(hf_greedy, str(llava_pipeline.model_dir), a, 16)
+    async with llava_pipeline.pre_client() as pre:
+        victim_full, _, _ = await _collect(pre.generate(prompt_a_in, GREEDY))
+        victim_again, _, _ = await _collect(pre.generate(prompt_a_in, GREEDY))  # hash-only now
+    assert victim_full == expected and victim_again == expected
 
 
 async def test_bad_media_is_invalid_argument_and_service_stays_up(llava_pipeline) -> None:

@@ -31,7 +31,9 @@ import torch
 from preprocessor_svc.pool import PoolConfig
 from preprocessor_svc.processing import PreprocessResult, Processor, ProcessorConfig
 from vlm import convert
+from vlm.digest import item_digest
 from vlm.errors import VlmError
+from vlm.vllm_mm import item_fields
 from vlm.types import Prompt, PromptInput
 
 ARCHS = ("llava", "qwen2_vl", "llava_onevision", "mistral3", "gemma3", "idefics3", "fuyu")
@@ -271,7 +273,7 @@ def arch_env(tiny_model):
 
 def assert_matches_reference(prompt: Prompt, ref: dict[str, Any]) -> None:
     """`prompt` carries exactly what vLLM computed in-process: token IDs, and per item the
-    modality, hash, placeholder range (offset, length, is_embed) and every field tensor
+    modality, hash (the digest of vLLM's features), placeholder range (offset, length, is_embed) and every field tensor
     (bit-identical, same dtype), layout, flat dim and keep_on_cpu."""
     from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFlatField, MultiModalSharedField
 
@@ -288,7 +290,9 @@ def assert_matches_reference(prompt: Prompt, ref: dict[str, Any]) -> None:
     assert [it.placeholder.offset for it in prompt.items] == sorted(it.placeholder.offset for it in prompt.items)
     for item, (modality, h, rng, kw) in zip(prompt.items, expected):
         assert item.modality.value == modality
-        assert item.hash == h
+        # The hash is the digest of vLLM's own features for the item (vLLM's media hash `h`
+        # keys only the preprocessor's processor cache).
+        assert item.hash == item_digest(item.modality, item_fields(kw)), h
         assert (item.placeholder.offset, item.placeholder.length) == (rng.offset, rng.length)
         if rng.is_embed is None:
             assert item.placeholder.is_embed is None

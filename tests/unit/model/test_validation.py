@@ -10,6 +10,7 @@ import torch
 from model_svc.engine_input import SamplingToParams
 from model_svc.config import Limits
 from model_svc.validation import PromptValidator
+from vlm.digest import item_digest
 from vlm.profile import FieldSpec, ModalityProfile, ModelProfile
 from vlm.errors import InvalidArgument, LimitExceeded, ModelMismatch, PromptTooLong
 from vlm.types import (
@@ -60,8 +61,13 @@ SPEC = ModelProfile(
 )
 
 
-def image_item(offset: int, *, h: str = "img", length: int = 4, is_embed=None, fields=True) -> Item:
-    f = {"pixel_values": ItemField(torch.zeros(3, 4, 4), FieldLayout.BATCHED)} if fields else None
+def image_item(
+    offset: int, *, h: str | None = None, seed: float = 0.0, length: int = 4, is_embed=None, fields=True
+) -> Item:
+    """An image item whose hash is the digest of its fields (unless `h` is given)."""
+    f = {"pixel_values": ItemField(torch.full((3, 4, 4), float(seed)), FieldLayout.BATCHED)} if fields else None
+    if h is None:
+        h = item_digest(Modality.IMAGE, f) if f else "img"
     return Item(Modality.IMAGE, h, Placeholder(offset, length, is_embed), f)
 
 
@@ -71,7 +77,7 @@ def video_item(offset: int, grid=(1, 2, 4), rows=None) -> Item:
         "pixel_values_videos": ItemField(torch.zeros(rows or cells, 12), FieldLayout.FLAT, flat_dim=0),
         "video_grid_thw": ItemField(torch.tensor(grid), FieldLayout.BATCHED, keep_on_cpu=True),
     }
-    return Item(Modality.VIDEO, "vid", Placeholder(offset, cells // 4), fields)
+    return Item(Modality.VIDEO, item_digest(Modality.VIDEO, fields), Placeholder(offset, cells // 4), fields)
 
 
 def prompt(tokens, items=(), fp=FP) -> Prompt:
@@ -126,7 +132,7 @@ def test_modality_and_limits():
     audio = Item(Modality.AUDIO, "a", Placeholder(2, 4), None)
     check(prompt(GOOD_TOKENS, [audio]), InvalidArgument, "prompt.items[0].modality")
     toks = [IMG] * 12
-    three = [image_item(0, h="a"), image_item(4, h="b"), image_item(8, h="c")]
+    three = [image_item(0, seed=1), image_item(4, seed=2), image_item(8, seed=3)]
     check(prompt(toks, three), LimitExceeded, "prompt.items[2]")
     one = dataclasses.replace(SPEC.modalities[Modality.IMAGE], max_items=1)
     single = dataclasses.replace(SPEC, modalities={**SPEC.modalities, Modality.IMAGE: one})
@@ -138,9 +144,9 @@ def test_modality_and_limits():
 
 def test_ranges():
     toks = [1, IMG, IMG, IMG, IMG, IMG, IMG, IMG, IMG, 2]
-    a, b = image_item(1, h="a"), image_item(5, h="b")
+    a, b = image_item(1, seed=1), image_item(5, seed=2)
     check(prompt(toks, [b, a]), InvalidArgument, "prompt.items[1].placeholder.offset")  # unsorted
-    check(prompt(toks, [a, image_item(4, h="b")]), InvalidArgument, "prompt.items[1].placeholder.offset")  # overlap
+    check(prompt(toks, [a, image_item(4, seed=2)]), InvalidArgument, "prompt.items[1].placeholder.offset")  # overlap
     check(prompt(toks, [image_item(10)]), InvalidArgument, "prompt.items[0].placeholder.offset")
     check(prompt(toks, [image_item(1, length=0)]), InvalidArgument, "prompt.items[0].placeholder.length")
     check(prompt(toks, [image_item(8)]), InvalidArgument, "prompt.items[0].placeholder.length")  # past the end
@@ -175,7 +181,8 @@ def test_embed_budget():
 
 def _with_fields(item: Item, **fields) -> Item:
     merged = {**item.fields, **fields}
-    return dataclasses.replace(item, fields={k: v for k, v in merged.items() if v is not None})
+    new = {k: v for k, v in merged.items() if v is not None}
+    return dataclasses.replace(item, fields=new, hash=item_digest(item.modality, new))
 
 
 def test_fields():
@@ -268,3 +275,21 @@ def test_vllm_sampling_errors_are_translated(sampling, field):
     with pytest.raises(InvalidArgument) as e:
         SamplingToParams()(sampling)
     assert e.value.field == field, e.value
+
+
+def test_hash_must_be_the_digest_of_the_fields():
+    a, b = image_item(1, seed=1), image_item(1, seed=2)
+    toks = [1, IMG, IMG, IMG, IMG, 2]
+    PromptValidator(SPEC).validate_prompt(prompt(toks, [a]))
+    # B's features under A's hash: the poisoning attempt is refused, naming the hash.
+    forged = dataclasses.replace(b, hash=a.hash)
+    err = check(prompt(toks, [forged]), InvalidArgument, "prompt.items[0].hash")
+    assert item_digest(Modality.IMAGE, b.fields) in str(err)
+    # A single changed value, dtype or layout changes the digest.
+    pv = a.fields["pixel_values"].data.clone()
+    pv[0, 0, 0] += 1
+    changed = dataclasses.replace(a, fields={"pixel_values": ItemField(pv, FieldLayout.BATCHED)})
+    check(prompt(toks, [changed]), InvalidArgument, "prompt.items[0].hash")
+    assert item_digest(Modality.IMAGE, a.fields) != item_digest(
+        Modality.IMAGE, {"pixel_values": ItemField(a.fields["pixel_values"].data, FieldLayout.SHARED)})
+    assert item_digest(Modality.IMAGE, a.fields) != item_digest(Modality.VIDEO, a.fields)
