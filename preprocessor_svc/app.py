@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from preprocessor_svc.gateway import Gateway
 from preprocessor_svc.metrics import PreprocessorMetrics
@@ -29,7 +31,11 @@ from preprocessor_svc.replicas import ReplicaSet, ReplicaState
 from preprocessor_svc.servicer import SERVICE_NAME, PreprocessorServicer, add_to_server
 from vlm import types
 from vlm.fingerprint import compute_fingerprint
+from vlm.security import NO_SECURITY, ClientSecurity
 from vlm.server import GrpcApp, ServerOptions, freeze_gc_heap
+
+if TYPE_CHECKING:
+    from preprocessor_svc.openai_http import OpenAIHttpServer
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +120,8 @@ class PreprocessorApp:
     grpc: GrpcApp
     gateway: Gateway
     _health: _EndToEndHealth | None = field(default=None, repr=False)
+    #: The OpenAI-compatible HTTP front door (`http_port`); stops with the gRPC server.
+    http: OpenAIHttpServer | None = None
 
     @property
     def preprocessor(self) -> Preprocessor:
@@ -133,9 +141,15 @@ class PreprocessorApp:
         *,
         model_targets: tuple[str, ...] = (),
         resolve_interval_s: float = 30.0,
+        model_security: ClientSecurity = NO_SECURITY,
+        http_port: int | None = None,
+        http_host: str = "127.0.0.1",
+        served_model_name: str | None = None,
     ) -> PreprocessorApp:
         """Bind the port (NOT_SERVING), handshake with a replica (when there are targets),
-        start and warm the workers, then report SERVING (see the module docstring)."""
+        start and warm the workers, then report SERVING (see the module docstring). With
+        `http_port` the OpenAI-compatible HTTP front door binds right after the gRPC port
+        (503 until warm) and serves through the same gateway."""
         metrics = metrics or PreprocessorMetrics()
         app = GrpcApp("preprocessor", options, metrics)
         servicer = PreprocessorServicer()
@@ -143,12 +157,16 @@ class PreprocessorApp:
         changed = asyncio.Event()
         replicas = (
             ReplicaSet(model_targets, _files_check(config), resolve_interval_s=resolve_interval_s,
-                       on_change=changed.set)
+                       on_change=changed.set, security=model_security)
             if model_targets else None
         )
-        preprocessor = health = None
+        preprocessor = health = http = None
         try:
             await app.start()
+            if http_port is not None:
+                http = await _start_http(config, options, metrics, replicas, http_host, http_port,
+                                         served_model_name)
+                app.also_stop(http.stop)
             if replicas is not None:
                 await replicas.start()
                 health = _EndToEndHealth(app, replicas, changed)
@@ -161,6 +179,8 @@ class PreprocessorApp:
                 metrics.bind_replicas(replicas)
             gateway = Gateway(preprocessor, metrics, replicas)
             servicer.attach(gateway)
+            if http is not None:
+                http.attach(gateway)
             freeze_gc_heap()
             if health is None:
                 await app.set_serving(True)
@@ -176,7 +196,7 @@ class PreprocessorApp:
             if replicas is not None:
                 await replicas.close()
             raise
-        return cls(app, gateway, health)
+        return cls(app, gateway, health, http)
 
     async def close(self) -> None:
         if self._health is not None:
@@ -185,6 +205,27 @@ class PreprocessorApp:
         await self.preprocessor.close()
         if self.replicas is not None:
             await self.replicas.close()
+
+
+async def _start_http(
+    config: ProcessorConfig,
+    options: ServerOptions,
+    metrics: PreprocessorMetrics,
+    replicas: ReplicaSet | None,
+    host: str,
+    port: int,
+    served_model_name: str | None,
+) -> OpenAIHttpServer:
+    # vLLM's OpenAI protocol models import much of vLLM (seconds): off the event loop, and only
+    # when the HTTP front door is on.
+    openai_http = await asyncio.to_thread(importlib.import_module, "preprocessor_svc.openai_http")
+    server = openai_http.OpenAIHttpServer(
+        model=config.model, served_model_name=served_model_name, host=host, port=port,
+        replicas=replicas, registry=metrics.registry, max_body_bytes=options.max_message_bytes,
+        tokenizer_loader=lambda: openai_http.load_tokenizer(config),
+    )
+    await server.start()
+    return server
 
 
 async def _wait_for_model(replicas: ReplicaSet, config: ProcessorConfig) -> types.ModelInfo:

@@ -2,12 +2,14 @@
 
     vlm serve-preprocessor --model MODEL [--model-impl auto|transformers] [--host H] [--port P]
                            [--metrics-port M] [--workers N] [--max-queue Q]
-                           [--model-target HOST:PORT ...] ...
+                           [--model-target HOST:PORT ...] [--http-port P] ...
 
 Loads the model's config, tokenizer and processor only (no weights) in each worker process,
 warms every worker up, then reports SERVING. With `--model-target` (repeatable; a DNS name
 expands to one replica per address) it is also the gateway: it handshakes with the model
 replicas first, adopting their feature dtype and limits, and is SERVING while one of them is.
+`--http-port` adds an OpenAI-compatible HTTP front door (`/v1/chat/completions`,
+`/v1/completions`, `/v1/models`, `/health`) on the same process and gateway.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from preprocessor_svc.media import MediaLimits
 from preprocessor_svc.metrics import PreprocessorMetrics
 from preprocessor_svc.pool import PoolConfig
 from preprocessor_svc.processing import MODEL_IMPLS, ProcessorConfig
+from vlm.security import ClientSecurity
 from vlm.server import ServerOptions, add_server_args, configure_logging
 
 log = logging.getLogger("preprocessor_svc")
@@ -62,6 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolve-interval", type=float, default=30.0,
                    help="seconds between DNS re-resolutions of the model targets")
     p.add_argument("--log-level", default="INFO")
+    http = p.add_argument_group("OpenAI-compatible HTTP front door")
+    http.add_argument("--http-port", type=int, default=None,
+                      help="serve the OpenAI API on this port (0 picks one; default: off)")
+    http.add_argument("--http-host", default="127.0.0.1")
+    http.add_argument("--served-model-name", default=None,
+                      help="the model name HTTP clients ask for (default: the --model value)")
+    hop = p.add_argument_group("gateway → model security (each flag also reads an environment variable)")
+    hop.add_argument("--model-tls", action="store_true",
+                     help="TLS to the model replicas with the system roots [implied by the flags below]")
+    hop.add_argument("--model-tls-ca", default=None, help="PEM CA of the model replicas [VLM_MODEL_TLS_CA]")
+    hop.add_argument("--model-tls-cert", default=None,
+                     help="PEM client certificate, for replicas that require mTLS [VLM_MODEL_TLS_CERT]")
+    hop.add_argument("--model-tls-key", default=None, help="its PEM key [VLM_MODEL_TLS_KEY]")
+    hop.add_argument("--model-auth-token-file", default=None,
+                     help="file holding the replicas' bearer token [VLM_MODEL_AUTH_TOKEN holds the token]")
     add_server_args(p, port=50051, metrics_port=9101)
     return p
 
@@ -101,6 +119,12 @@ async def serve(args: argparse.Namespace) -> None:
     app = await PreprocessorApp.start(
         processor, pool, options, PreprocessorMetrics(),
         model_targets=tuple(args.model_target), resolve_interval_s=args.resolve_interval,
+        model_security=ClientSecurity.from_files(
+            args.model_tls_ca, args.model_tls_cert, args.model_tls_key, args.model_auth_token_file,
+            env_prefix="VLM_MODEL", tls=args.model_tls,
+        ),
+        http_port=args.http_port, http_host=args.http_host,
+        served_model_name=args.served_model_name,
     )
     try:
         await app.grpc.serve_until_signal()

@@ -35,6 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from vlm import types
 from vlm.client import ModelClient
 from vlm.errors import UpstreamError
+from vlm.security import NO_SECURITY, ClientSecurity
 from vlm.server import channel_options
 
 log = logging.getLogger(__name__)
@@ -85,11 +86,22 @@ def _replica_channel_options() -> list[tuple[str, object]]:
 class Replica:
     """One model service address: a client (with its own hash-only memory), state, counters."""
 
-    def __init__(self, address: str, target: str, check: Check, on_change: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        address: str,
+        target: str,
+        check: Check,
+        on_change: Callable[[], None],
+        security: ClientSecurity = NO_SECURITY,
+    ) -> None:
         self.address = address
         self.target = target
+        # The certificate names the target's host, not the address it resolved to.
+        host = _split_host_port(target)[0] if "://" not in target and not target.startswith("unix:") else None
         self.client = ModelClient(
-            address, channel=grpc.aio.insecure_channel(address, options=_replica_channel_options())
+            address,
+            channel=security.channel(address, _replica_channel_options(), server_name=host),
+            security=security,
         )
         self.state = ReplicaState.CONNECTING
         self.reason = "no handshake yet"
@@ -232,8 +244,10 @@ class ReplicaSet:
         *,
         resolve_interval_s: float = 30.0,
         on_change: Callable[[], None] = lambda: None,
+        security: ClientSecurity = NO_SECURITY,
     ) -> None:
         self.targets = tuple(dict.fromkeys(targets))
+        self._security = security
         if not self.targets:
             raise ValueError("no model targets")
         for t in self.targets:
@@ -306,7 +320,7 @@ class ReplicaSet:
         for address, target in wanted.items():
             if address not in self._replicas:
                 log.info("model replica %s (%s) added", address, target)
-                replica = Replica(address, target, self._checked, self._notify)
+                replica = Replica(address, target, self._checked, self._notify, self._security)
                 self._replicas[address] = replica
                 replica.start()
         self._notify()

@@ -28,6 +28,7 @@ from vlm.common.v1 import generation_pb2 as gen_pb
 from vlm.model.v1 import model_pb2, model_pb2_grpc
 from vlm.preprocessor.v1 import preprocessor_pb2 as pre_pb
 from vlm.preprocessor.v1 import preprocessor_pb2_grpc
+from vlm.security import NO_SECURITY, ClientSecurity
 from vlm.server import channel_options, error_detail_from_trailers
 
 
@@ -43,10 +44,18 @@ def upstream_error(err: grpc.aio.AioRpcError) -> UpstreamError:
 
 
 class _Client:
-    def __init__(self, target: str, *, channel: grpc.aio.Channel | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        channel: grpc.aio.Channel | None = None,
+        security: ClientSecurity = NO_SECURITY,
+    ) -> None:
         self.target = target
         self._own_channel = channel is None
-        self.channel = channel or grpc.aio.insecure_channel(target, options=channel_options())
+        self.channel = channel or security.channel(target, channel_options())
+        #: Sent with every call: the bearer token, when there is one.
+        self._md = security.metadata
 
     async def close(self) -> None:
         if self._own_channel:
@@ -67,9 +76,14 @@ class ModelClient(_Client):
     )
 
     def __init__(
-        self, target: str, *, channel: grpc.aio.Channel | None = None, remember_hashes: int = 4096
+        self,
+        target: str,
+        *,
+        channel: grpc.aio.Channel | None = None,
+        security: ClientSecurity = NO_SECURITY,
+        remember_hashes: int = 4096,
     ) -> None:
-        super().__init__(target, channel=channel)
+        super().__init__(target, channel=channel, security=security)
         self._stub = model_pb2_grpc.ModelServiceStub(self.channel)
         # Generate on the wire form: bytes in, bytes out (no serializers).
         self._generate_raw = self.channel.unary_stream(self._GENERATE)
@@ -107,7 +121,7 @@ class ModelClient(_Client):
         omit = {h for h in hashes if h in self._sent} if hash_only else set()
         if isinstance(sampling, types.Sampling):
             sampling = convert.sampling_to_pb(sampling)
-        md = (("x-request-id", request_id), *metadata)
+        md = (("x-request-id", request_id), *self._md, *metadata)
         for attempt in range(2):
             req = convert.model_generate_request_bytes(
                 request_id, prompt, sampling, omit_fields_for=omit
@@ -160,21 +174,23 @@ class ModelClient(_Client):
 
     async def abort(self, request_id: str) -> bool:
         try:
-            resp = await self._stub.Abort(model_pb2.AbortRequest(request_id=request_id))
+            resp = await self._stub.Abort(model_pb2.AbortRequest(request_id=request_id), metadata=self._md)
         except grpc.aio.AioRpcError as err:
             raise upstream_error(err) from None
         return resp.found
 
     async def model_info(self, *, timeout: float | None = None) -> types.ModelInfo:
         try:
-            resp = await self._stub.GetModelInfo(model_pb2.GetModelInfoRequest(), timeout=timeout)
+            resp = await self._stub.GetModelInfo(
+                model_pb2.GetModelInfoRequest(), timeout=timeout, metadata=self._md
+            )
         except grpc.aio.AioRpcError as err:
             raise upstream_error(err) from None
         return convert.model_info_from_pb(resp.info)
 
     async def load(self) -> types.Load:
         try:
-            r = await self._stub.GetLoad(model_pb2.GetLoadRequest())
+            r = await self._stub.GetLoad(model_pb2.GetLoadRequest(), metadata=self._md)
         except grpc.aio.AioRpcError as err:
             raise upstream_error(err) from None
         return types.Load(
@@ -186,8 +202,14 @@ class ModelClient(_Client):
 class PreprocessorClient(_Client):
     """Client of `vlm.preprocessor.v1.PreprocessorService`."""
 
-    def __init__(self, target: str, *, channel: grpc.aio.Channel | None = None) -> None:
-        super().__init__(target, channel=channel)
+    def __init__(
+        self,
+        target: str,
+        *,
+        channel: grpc.aio.Channel | None = None,
+        security: ClientSecurity = NO_SECURITY,
+    ) -> None:
+        super().__init__(target, channel=channel, security=security)
         self._stub = preprocessor_pb2_grpc.PreprocessorServiceStub(self.channel)
 
     @staticmethod
@@ -215,7 +237,7 @@ class PreprocessorClient(_Client):
     ) -> pre_pb.PreprocessResponse:
         req = self._request(prompt, processor_kwargs, request_id or uuid.uuid4().hex)
         try:
-            return await self._stub.Preprocess(req, metadata=(("x-request-id", req.request_id),))
+            return await self._stub.Preprocess(req, metadata=(("x-request-id", req.request_id), *self._md))
         except grpc.aio.AioRpcError as err:
             raise upstream_error(err) from None
 
@@ -241,7 +263,7 @@ class PreprocessorClient(_Client):
             input=self._request(prompt, processor_kwargs, request_id or uuid.uuid4().hex),
             sampling=convert.sampling_to_pb(sampling),
         )
-        call = self._stub.Generate(req, metadata=(("x-request-id", req.input.request_id),))
+        call = self._stub.Generate(req, metadata=(("x-request-id", req.input.request_id), *self._md))
         try:
             async for resp in call:
                 yield convert.chunk_from_pb(resp.chunk)
@@ -252,15 +274,17 @@ class PreprocessorClient(_Client):
 
     async def model_info(self) -> types.ModelInfo:
         try:
-            resp = await self._stub.GetModelInfo(pre_pb.GetModelInfoRequest())
+            resp = await self._stub.GetModelInfo(pre_pb.GetModelInfoRequest(), metadata=self._md)
         except grpc.aio.AioRpcError as err:
             raise upstream_error(err) from None
         return convert.model_info_from_pb(resp.info)
 
 
-async def check_health(target: str, service: str = "", *, timeout: float = 5.0) -> str:
+async def check_health(
+    target: str, service: str = "", *, timeout: float = 5.0, security: ClientSecurity = NO_SECURITY
+) -> str:
     """Return the health status name ("SERVING", "NOT_SERVING", ...) of `service` at `target`."""
-    async with grpc.aio.insecure_channel(target) as ch:
+    async with security.channel(target, channel_options()) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         try:
             resp = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)

@@ -19,7 +19,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start
 from vlm import __version__
 from vlm.common.v1 import generation_pb2
 from vlm.errors import DETAIL_KEY, REASON_KEY, MissingFeatures, UpstreamError, VlmError
+from vlm.security import BearerAuthInterceptor, ServerSecurity
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class ServerOptions:
     keepalive_timeout_s: float = 10.0
     max_concurrent_streams: int = 1024
     grace_s: float = 10.0
+    #: TLS / mTLS and the bearer token (`vlm.security`); none by default.
+    security: ServerSecurity = field(default_factory=ServerSecurity)
 
     @classmethod
     def from_args(cls, args: Any) -> ServerOptions:
@@ -101,6 +104,9 @@ class ServerOptions:
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
             max_message_bytes=args.max_message_bytes,
             grace_s=args.grace,
+            security=ServerSecurity.from_files(
+                args.tls_cert, args.tls_key, args.tls_client_ca, args.auth_token_file
+            ),
         )
 
     def grpc_options(self) -> list[tuple[str, Any]]:
@@ -126,6 +132,14 @@ def add_server_args(parser: Any, *, port: int, metrics_port: int) -> None:
     group.add_argument("--metrics-port", type=int, default=metrics_port, help="-1 disables /metrics")
     group.add_argument("--max-message-bytes", type=int, default=256 << 20)
     group.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds")
+    sec = parser.add_argument_group("security (each flag also reads an environment variable)")
+    sec.add_argument("--tls-cert", default=None, help="PEM server certificate [VLM_TLS_CERT]")
+    sec.add_argument("--tls-key", default=None, help="PEM private key [VLM_TLS_KEY]")
+    sec.add_argument("--tls-client-ca", default=None,
+                     help="PEM CA: require client certificates it signed (mTLS) [VLM_TLS_CLIENT_CA]")
+    sec.add_argument("--auth-token-file", default=None,
+                     help="file holding the bearer token every RPC but health must carry "
+                          "[VLM_AUTH_TOKEN holds the token itself]")
 
 
 def channel_options(max_message_bytes: int = 256 * 1024 * 1024) -> list[tuple[str, Any]]:
@@ -312,9 +326,11 @@ class GrpcApp:
         self.name = name
         self.options = options
         self.metrics = metrics
-        self.server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor(metrics)], options=options.grpc_options()
-        )
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if options.security.token:
+            interceptors.append(BearerAuthInterceptor(options.security.token))
+        interceptors.append(ErrorMappingInterceptor(metrics))
+        self.server = grpc.aio.server(interceptors=interceptors, options=options.grpc_options())
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []
@@ -322,6 +338,7 @@ class GrpcApp:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._stopping = asyncio.Event()
+        self._also_stop: list[Callable[[float], Awaitable[None]]] = []
 
     def add_service(self, register: Callable[[Any, grpc.aio.Server], None], servicer: Any, full_name: str) -> None:
         register(servicer, self.server)
@@ -332,7 +349,11 @@ class GrpcApp:
             [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         await self.set_serving(False)
-        self.port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        address = f"{self.options.host}:{self.options.port}"
+        if self.options.security.tls:
+            self.port = self.server.add_secure_port(address, self.options.security.credentials())
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"could not bind {self.options.host}:{self.options.port}")
         await self.server.start()
@@ -341,8 +362,11 @@ class GrpcApp:
                 self.options.metrics_port, addr=self.options.metrics_host, registry=self.metrics.registry
             )
             self.metrics_port = self._metrics_server.server_port
+        sec = self.options.security
         log.info(
-            "%s listening on %s:%s (metrics on %s)", self.name, self.options.host, self.port, self.metrics_port
+            "%s listening on %s:%s (%s%s; metrics on %s)", self.name, self.options.host, self.port,
+            ("mTLS" if sec.client_ca else "TLS") if sec.tls else "plaintext",
+            ", bearer token required" if sec.token else "", self.metrics_port,
         )
         return self.port
 
@@ -361,9 +385,15 @@ class GrpcApp:
     def request_stop(self) -> None:
         self._stopping.set()
 
+    def also_stop(self, stop: Callable[[float], Awaitable[None]]) -> None:
+        """Stop another server with this one (the HTTP front door): `stop(grace)` drains it
+        alongside the gRPC server, once health has gone NOT_SERVING."""
+        self._also_stop.append(stop)
+
     async def stop(self, grace: float | None = None) -> None:
+        grace = self.options.grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.options.grace_s if grace is None else grace)
+        await asyncio.gather(self.server.stop(grace), *(stop(grace) for stop in self._also_stop))
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
