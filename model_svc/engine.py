@@ -69,6 +69,9 @@ from .validation import PromptValidator
 
 log = logging.getLogger(__name__)
 
+#: Seconds the engine core gets to tear down at close before it is killed (after the last stream).
+ENGINE_SHUTDOWN_TIMEOUT_S = 1.0
+
 
 @dataclass
 class _InFlight:
@@ -379,7 +382,9 @@ class Engine:
                 await self._llm.abort(ids)
         await asyncio.sleep(0)
         llm, self._llm = self._llm, _ClosedLLM()
-        llm.shutdown()
+        # Requests are over: give the engine core a short window to tear down, then vLLM's
+        # process manager kills it (its default waits 5 s for an idle CPU worker to notice).
+        llm.shutdown(timeout=ENGINE_SHUTDOWN_TIMEOUT_S)
         # Drop vLLM's client now: its __del__ would otherwise shut down again at interpreter
         # exit, when the modules it needs are gone.
         del llm
