@@ -2,14 +2,16 @@
 
 Contract (kept stable for users and acceptance checks):
 
-    vlm preprocess --target HOST:PORT (--prompt TEXT | --token-ids 1,2,3 | --messages FILE.json)
+    vlm preprocess --target HOST:PORT (--prompt TEXT | --token-ids 1,2,3 | --chat FILE.json)
                    [--image PATH]... [--video PATH]... [--mm-kwargs JSON] [--json]
-    vlm generate   --target HOST:PORT (--prompt ... | --token-ids ... | --messages ...)
+    vlm generate   --target HOST:PORT (--prompt ... | --token-ids ... | --chat ...)
                    [--image PATH]... [--video PATH]... [--max-tokens N] [--temperature T]
                    [--top-p P] [--top-k K] [--seed S] [--stop STR]... [--ignore-eos] [--json]
     vlm health     --target HOST:PORT [--service NAME]
 
-On error: exit status 1, with the gRPC status code name and message on stderr.
+`--messages FILE.json` is the same option as `--chat` (its older name). `vlm generate` prints the
+text as it streams in, then a summary line on stderr; with `--json` it prints one JSON object at
+the end instead. On error: exit status 1, with the gRPC status code name and message on stderr.
 
 Chat messages (FILE.json) are a list of {"role": ..., "content": str | [parts]} where a part is
 {"type": "text", "text": ...}, {"type": "image", "path": ...} or {"type": "video", "path": ...}.
@@ -69,7 +71,7 @@ def prompt_from_args(args: argparse.Namespace) -> types.PromptInput:
     )
     if args.messages:
         if media:
-            raise ValueError("with --messages, put images and videos inside the messages file")
+            raise ValueError("with --chat, put images and videos inside the chat messages file")
         return types.PromptInput(messages=_messages(args.messages))
     if args.token_ids is not None:
         ids = tuple(int(x) for x in args.token_ids.replace(" ", "").split(",") if x)
@@ -82,7 +84,8 @@ def _add_prompt_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="text prompt with the model's placeholder tokens")
     src.add_argument("--token-ids", help="comma-separated prompt token IDs")
-    src.add_argument("--messages", help="chat messages JSON file")
+    src.add_argument("--chat", "--messages", dest="messages", metavar="FILE",
+                     help="chat messages JSON file (--messages is the same option)")
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     p.add_argument("--video", action="append", default=[], help="video file (repeatable)")
     p.add_argument("--mm-kwargs", default=None, help="processor kwargs as a JSON object")
