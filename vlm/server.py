@@ -223,6 +223,23 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: BaseMetrics | None = None) -> None:
         self._metrics = metrics
+        #: Application RPCs (not health or reflection) being handled, for graceful shutdown.
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def _enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def _exit(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def drained(self) -> None:
+        """Return once no application RPC is in flight."""
+        await self._idle.wait()
 
     async def intercept_service(
         self,
@@ -273,6 +290,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             request_id_var.set(request_id)
             started = time.monotonic()
             code = grpc.StatusCode.OK
+            self._enter()
             try:
                 return await behavior(request, context)
             except asyncio.CancelledError:
@@ -285,6 +303,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 code = exc.code if isinstance(exc, VlmError) else grpc.StatusCode.INTERNAL
                 await self._fail(context, exc, method)
             finally:
+                self._exit()
                 self._record(method, code, started)
 
         return wrapped
@@ -294,6 +313,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             request_id_var.set(request_id)
             started = time.monotonic()
             code = grpc.StatusCode.OK
+            self._enter()
             try:
                 async for response in behavior(request, context):
                     yield response
@@ -307,6 +327,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 code = exc.code if isinstance(exc, VlmError) else grpc.StatusCode.INTERNAL
                 await self._fail(context, exc, method)
             finally:
+                self._exit()
                 self._record(method, code, started)
 
         return wrapped
@@ -329,7 +350,8 @@ class GrpcApp:
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if options.security.token:
             interceptors.append(BearerAuthInterceptor(options.security.token))
-        interceptors.append(ErrorMappingInterceptor(metrics))
+        self._errors = ErrorMappingInterceptor(metrics)
+        interceptors.append(self._errors)
         self.server = grpc.aio.server(interceptors=interceptors, options=options.grpc_options())
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -393,11 +415,24 @@ class GrpcApp:
     async def stop(self, grace: float | None = None) -> None:
         grace = self.options.grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        await asyncio.gather(self.server.stop(grace), *(stop(grace) for stop in self._also_stop))
+        await asyncio.gather(self._stop_grpc(grace), *(stop(grace) for stop in self._also_stop))
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
             self._metrics_server = None
+
+    async def _stop_grpc(self, grace: float) -> None:
+        """Refuse new RPCs, let the application RPCs in flight finish (up to `grace` seconds),
+        then end the rest: health `Watch` streams never end by themselves and must not hold
+        the stop for the whole grace period."""
+        stopping = asyncio.ensure_future(self.server.stop(grace))
+        try:
+            await asyncio.wait_for(self._errors.drained(), timeout=grace)
+        except asyncio.TimeoutError:
+            log.warning("%s: %d request(s) still running after the %.1fs grace period; cancelling",
+                        self.name, self._errors.in_flight, grace)
+        await self.server.stop(0)
+        await stopping
 
     async def serve_until_signal(self) -> None:
         """Block until SIGTERM/SIGINT (or `request_stop()`), then shut down gracefully."""

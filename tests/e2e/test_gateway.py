@@ -69,7 +69,7 @@ class ModelProcess:
         self.proc = subprocess.Popen(
             [*VLM, "serve-model", "--model", str(self.model_dir), "--port", str(self.port),
              "--metrics-port", "-1", "--max-model-len", "1024", "--enforce-eager", "--dtype", dtype,
-             "--seed", "0", "--kv-cache-memory-bytes", str(128 << 20), "--grace", "1"],
+             "--seed", "0", "--kv-cache-memory-bytes", str(128 << 20), "--grace", "10"],
             stdout=log, stderr=subprocess.STDOUT,
         )
 
@@ -268,6 +268,36 @@ async def test_replica_killed_mid_stream_fails_fast_then_the_other_serves(gatewa
     assert others[0].counters.requests == before + 1
     assert await check_health(_target(gateway)) == "SERVING"
     assert await check_health(_target(gateway), REPLICA_HEALTH_PREFIX + replica.address) == "NOT_SERVING"
+
+
+async def test_sigterm_drains_the_in_flight_stream_and_stops_within_2s(gateway, r2) -> None:
+    """SIGTERM on a model replica mid-stream: health NOT_SERVING at once, new requests
+    UNAVAILABLE, the stream in flight completes, and the process exits 0 soon after it."""
+    if r2.proc.poll() is not None:  # killed by the test before
+        r2.start()
+        await r2.wait_serving()
+    replica = _replica(gateway, r2.target)
+    await _until(lambda: replica.serving, 30, "the gateway to see the replica back")
+    image, _ = await _image_homed_on(gateway, replica.address, 500)
+    sampling = types.Sampling(temperature=0.0, max_tokens=300, ignore_eos=True)
+    async with PreprocessorClient(_target(gateway)) as client:
+        stream = client.generate(_chat(image), sampling)
+        first = await anext(stream)
+        r2.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        # New connections are refused from the signal on; the gateway's health Watch sees it.
+        await _until(lambda: not replica.serving, 1.0, "the gateway to see NOT_SERVING")
+        async with ModelClient(r2.target) as direct:
+            with pytest.raises(UpstreamError) as err:
+                await direct.model_info(timeout=5)
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        rest = [c async for c in stream]
+    ended = time.monotonic()
+    assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) == 300
+    assert rest[-1].finish_reason is types.FinishReason.LENGTH
+    assert await asyncio.to_thread(r2.proc.wait, 30) == 0
+    assert time.monotonic() - ended < 2.0 + 0.5, "exit took too long after the last stream"
+    assert ended - signalled < 10.0  # within the grace period (--grace 10)
 
 
 async def test_replica_with_another_model_is_refused(gateway, r2, llava_pipeline, caplog) -> None:
