@@ -66,7 +66,7 @@ COMMANDS: dict[str, Command] = {
     "preprocess": Command(preprocess, "preprocess a prompt with media through a preprocessor"),
     "generate": Command(generate, "generate end to end through a preprocessor"),
     "health": Command(health, "check a service's grpc.health.v1 status"),
-    "demo": Command(demo, "build a tiny model offline and run both services on it"),
+    "demo": Command(demo, "run both services (a tiny offline model, or --model) and stream a generation"),
     "bench": Command(bench, "run the benchmarks (JSON + markdown output)"),
 }
 
