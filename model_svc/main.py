@@ -21,7 +21,9 @@ def build_parser():
 
     parser = add_engine_cli_args()
     parser.prog = "vlm serve-model"
-    add_server_args(parser, port=50052, metrics_port=9102)
+    # Requests carry feature tensors: 64 MiB × 256 RPCs ≈ 16 GiB at worst, on a GPU host.
+    add_server_args(parser, port=50052, metrics_port=9102, max_message_bytes=64 << 20,
+                    max_concurrent_rpcs=256)
     return parser
 
 

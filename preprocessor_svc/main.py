@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     hop.add_argument("--model-tls-key", default=None, help="its PEM key [VLM_MODEL_TLS_KEY]")
     hop.add_argument("--model-auth-token-file", default=None,
                      help="file holding the replicas' bearer token [VLM_MODEL_AUTH_TOKEN holds the token]")
-    add_server_args(p, port=50051, metrics_port=9101)
+    # Requests carry encoded media (--max-image-bytes, --max-video-bytes fit in one message);
+    # Generate streams hold theirs until done: 32 MiB × 256 RPCs ≈ 8 GiB at worst.
+    add_server_args(p, port=50051, metrics_port=9101, max_message_bytes=32 << 20, max_concurrent_rpcs=256)
     return p
 
 

@@ -41,7 +41,8 @@ class MediaLimits:
     #: width * height read from the image header; larger images are rejected undecoded.
     max_image_pixels: int = 40_000_000
     image_formats: frozenset[str] = DEFAULT_IMAGE_FORMATS
-    max_video_bytes: int = 200 * MiB
+    #: Must fit in one request message (the preprocessor's --max-message-bytes, 32 MiB).
+    max_video_bytes: int = 30 * MiB
     #: width * height of one video frame (8_294_400 = 3840 x 2160).
     max_video_frame_pixels: int = 8_294_400
     #: Frames in the container (before sampling); bounds the decoder's work.

@@ -86,10 +86,15 @@ class ServerOptions:
     metrics_host: str = "127.0.0.1"
     #: None disables the metrics endpoint; 0 picks a free port.
     metrics_port: int | None = 0
-    max_message_bytes: int = 256 * 1024 * 1024
+    #: Largest request/response message. With `max_concurrent_rpcs` it bounds the memory that
+    #: requests can pin: about max_concurrent_rpcs × max_message_bytes at worst.
+    max_message_bytes: int = 64 * 1024 * 1024
+    #: RPCs handled at once (health watches included); more get RESOURCE_EXHAUSTED at once.
+    max_concurrent_rpcs: int | None = 256
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
-    max_concurrent_streams: int = 1024
+    #: HTTP/2 streams per client connection.
+    max_concurrent_streams: int = 256
     grace_s: float = 10.0
     #: TLS / mTLS and the bearer token (`vlm.security`); none by default.
     security: ServerSecurity = field(default_factory=ServerSecurity)
@@ -103,6 +108,7 @@ class ServerOptions:
             metrics_host=args.metrics_host,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
             max_message_bytes=args.max_message_bytes,
+            max_concurrent_rpcs=args.max_concurrent_rpcs or None,
             grace_s=args.grace,
             security=ServerSecurity.from_files(
                 args.tls_cert, args.tls_key, args.tls_client_ca, args.auth_token_file
@@ -123,14 +129,25 @@ class ServerOptions:
         ]
 
 
-def add_server_args(parser: Any, *, port: int, metrics_port: int) -> None:
+def add_server_args(
+    parser: Any,
+    *,
+    port: int,
+    metrics_port: int,
+    max_message_bytes: int = ServerOptions.max_message_bytes,
+    max_concurrent_rpcs: int = 256,
+) -> None:
     """The gRPC server flags both `vlm serve-*` commands take (see `ServerOptions.from_args`)."""
     group = parser.add_argument_group("gRPC server")
     group.add_argument("--host", default="127.0.0.1")
     group.add_argument("--port", type=int, default=port)
     group.add_argument("--metrics-host", default="127.0.0.1")
     group.add_argument("--metrics-port", type=int, default=metrics_port, help="-1 disables /metrics")
-    group.add_argument("--max-message-bytes", type=int, default=256 << 20)
+    group.add_argument("--max-message-bytes", type=int, default=max_message_bytes,
+                       help="largest message (default %(default)s)")
+    group.add_argument("--max-concurrent-rpcs", type=int, default=max_concurrent_rpcs,
+                       help="RPCs at once, beyond which RESOURCE_EXHAUSTED (0: unbounded); peak "
+                            "request memory is about this × --max-message-bytes (default %(default)s)")
     group.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds")
     sec = parser.add_argument_group("security (each flag also reads an environment variable)")
     sec.add_argument("--tls-cert", default=None, help="PEM server certificate [VLM_TLS_CERT]")
@@ -352,7 +369,11 @@ class GrpcApp:
             interceptors.append(BearerAuthInterceptor(options.security.token))
         self._errors = ErrorMappingInterceptor(metrics)
         interceptors.append(self._errors)
-        self.server = grpc.aio.server(interceptors=interceptors, options=options.grpc_options())
+        self.server = grpc.aio.server(
+            interceptors=interceptors,
+            options=options.grpc_options(),
+            maximum_concurrent_rpcs=options.max_concurrent_rpcs,
+        )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []
