@@ -219,10 +219,12 @@ async def _start_http(
     # vLLM's OpenAI protocol models import much of vLLM (seconds): off the event loop, and only
     # when the HTTP front door is on.
     openai_http = await asyncio.to_thread(importlib.import_module, "preprocessor_svc.openai_http")
+    security = options.security  # the same TLS / mTLS / token as the gRPC port
     server = openai_http.OpenAIHttpServer(
         model=config.model, served_model_name=served_model_name, host=host, port=port,
         replicas=replicas, registry=metrics.registry, max_body_bytes=options.max_message_bytes,
         tokenizer_loader=lambda: openai_http.load_tokenizer(config),
+        api_key=security.token, ssl_context=openai_http.ssl_context(security) if security.tls else None,
     )
     await server.start()
     return server
