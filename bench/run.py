@@ -1,11 +1,12 @@
 """`vlm bench`: run the benchmarks and write JSON + markdown results.
 
-    vlm bench [preprocess|model|digest|all] [--quick] [--out DIR]
+    vlm bench [preprocess|model|digest|soak|all] [--quick] [--out DIR]
 
 * `preprocess`: preprocessing throughput of the preprocessor service vs. the HF processor
   in-process (`bench.preprocess_throughput`);
 * `model`: the gRPC pair vs. an in-process vLLM AsyncLLM (`bench.model_latency`);
 * `digest`: the cost per MiB of the verified item digest (`bench.digest`);
+* `soak`: 64 concurrent streaming clients for 60 s against the pair as processes (`bench.soak`);
 * `all` (default): all of them, one after the other.
 
 Each benchmark prints its markdown table and writes `<name>.json` and `<name>.md` to the output
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from bench.common import DEFAULT_OUT, log, write_results
 
-SUITES = ("preprocess", "model", "digest")
+SUITES = ("preprocess", "model", "digest", "soak")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             from bench import preprocess_throughput as mod
         elif suite == "digest":
             from bench import digest as mod
+        elif suite == "soak":
+            from bench import soak as mod
         else:
             from bench import model_latency as mod
         t = time.perf_counter()
