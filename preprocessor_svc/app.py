@@ -222,7 +222,9 @@ async def _start_http(
     security = options.security  # the same TLS / mTLS / token as the gRPC port
     server = openai_http.OpenAIHttpServer(
         model=config.model, served_model_name=served_model_name, host=host, port=port,
-        replicas=replicas, registry=metrics.registry, max_body_bytes=options.max_message_bytes,
+        replicas=replicas, registry=metrics.registry,
+        max_body_bytes=openai_http.body_limit(options.max_message_bytes),
+        max_concurrent=options.max_concurrent_rpcs,
         tokenizer_loader=lambda: openai_http.load_tokenizer(config),
         api_key=security.token, ssl_context=openai_http.ssl_context(security) if security.tls else None,
     )

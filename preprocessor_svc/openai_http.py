@@ -91,6 +91,7 @@ from vlm.errors import (
     InvalidArgument,
     InvalidMedia,
     LimitExceeded,
+    ResourceExhausted,
     Unavailable,
     UpstreamError,
     VlmError,
@@ -122,7 +123,8 @@ _MESSAGE_KEYS = frozenset({"role", "content", "name"})
 _MEDIA_PARTS = {"image_url": types.Modality.IMAGE, "video_url": types.Modality.VIDEO}
 #: pydantic error-location entries that name a union member or a type, not a request field.
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
-_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health")
+_GENERATE_ROUTES = ("/v1/chat/completions", "/v1/completions")
+_ROUTES = (*_GENERATE_ROUTES, "/v1/models", "/health")
 
 _Req = TypeVar("_Req", bound=BaseModel)
 
@@ -743,12 +745,16 @@ class _CompletionRender(_Render):
 # ----------------------------------------------------------------------------- app + metrics
 
 
-class _HttpMetrics:
-    """Pure ASGI middleware: requests by route and status, and their wall time (streams: until
-    the last byte), in the service's Prometheus registry."""
+class _Edge:
+    """Pure ASGI middleware in front of the app: at most `max_concurrent` generation requests at
+    once, streams included (beyond: 429 at once, as the gRPC port's RESOURCE_EXHAUSTED; with
+    the body limit this bounds the memory requests can pin), and per-route metrics in the
+    service's Prometheus registry."""
 
-    def __init__(self, app: Any, registry: CollectorRegistry | None) -> None:
+    def __init__(self, app: Any, registry: CollectorRegistry | None, max_concurrent: int | None) -> None:
         self.app = app
+        self.max_concurrent = max_concurrent
+        self.in_flight = 0
         self.requests = Counter(
             f"{METRICS_PREFIX}_http_requests", "HTTP requests handled, by route and status.",
             ["path", "status"], registry=registry)
@@ -772,8 +778,19 @@ class _HttpMetrics:
                 status = message["status"]
             await send(message)
 
+        limited = path in _GENERATE_ROUTES
         try:
-            await self.app(scope, receive, send_and_note)
+            if limited and self.max_concurrent is not None and self.in_flight >= self.max_concurrent:
+                busy = ResourceExhausted(
+                    f"{self.in_flight} generation requests in flight, the most this server "
+                    "takes at once; retry later")
+                await error_response(busy)(scope, receive, send_and_note)
+                return
+            self.in_flight += limited
+            try:
+                await self.app(scope, receive, send_and_note)
+            finally:
+                self.in_flight -= limited
         finally:
             self.requests.labels(path, str(status)).inc()
             self.duration.labels(path).observe(time.monotonic() - started)
@@ -835,6 +852,12 @@ class _Server(uvicorn.Server):
         yield
 
 
+def body_limit(max_message_bytes: int) -> int:
+    """The HTTP body limit for a gRPC message limit: media travel base64-encoded (4/3 the
+    bytes) in JSON, plus room for the rest of the request."""
+    return max_message_bytes * 4 // 3 + (1 << 20)
+
+
 def ssl_context(security: Any) -> ssl.SSLContext:
     """A TLS server context from a `vlm.security.ServerSecurity` (PEM bytes): its certificate
     and key, and with a client CA, client certificates required (mTLS)."""
@@ -881,14 +904,15 @@ class OpenAIHttpServer:
         tokenizer_loader: Callable[[], Any] | None = None,
         api_key: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        max_concurrent: int | None = None,
     ) -> None:
         self.front = FrontDoor(model, served_model_name or model, replicas, max_body_bytes,
                                tokenizer_loader, api_key)
         self.app = create_app(self.front)
         self.host = host
         self._requested_port = port
-        self._registry = registry
         self._ssl = ssl_context
+        self._edge = _Edge(self.app, registry, max_concurrent)
         self.port: int | None = None
         self._server: _Server | None = None
         self._task: asyncio.Task | None = None
@@ -896,6 +920,11 @@ class OpenAIHttpServer:
     def attach(self, gateway: Any) -> None:
         """Serve generation requests through a warmed-up gateway."""
         self.front.gateway = gateway
+
+    @property
+    def in_flight(self) -> int:
+        """Generation requests being handled (streams until their last event)."""
+        return self._edge.in_flight
 
     def _bind(self) -> socket.socket:
         family, kind, proto, _, addr = socket.getaddrinfo(
@@ -913,7 +942,7 @@ class OpenAIHttpServer:
         sock = self._bind()  # OSError here (port taken) reaches the caller as is
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
-            _HttpMetrics(self.app, self._registry), loop="none", lifespan="off", ws="none",
+            self._edge, loop="none", lifespan="off", ws="none",
             log_config=None, access_log=False, server_header=False, timeout_graceful_shutdown=10.0,
         )
         config.load()

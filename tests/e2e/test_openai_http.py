@@ -19,6 +19,7 @@ import pytest
 import pytest_asyncio
 
 from preprocessor_svc.app import PreprocessorApp
+from preprocessor_svc.openai_http import body_limit
 from preprocessor_svc.main import build_parser
 from preprocessor_svc.media import MediaLimits
 from preprocessor_svc.pool import PoolConfig
@@ -256,7 +257,7 @@ async def test_malformed_and_oversize_bodies(http_app) -> None:
     async with httpx.AsyncClient(base_url=_base(http_app), timeout=60) as http:
         bad_json = await http.post("/v1/chat/completions", content=b'{"model": ',
                                    headers={"content-type": "application/json"})
-        too_big = await http.post("/v1/chat/completions", content=b" " * (MAX_BODY + 1))
+        too_big = await http.post("/v1/chat/completions", content=b" " * (body_limit(MAX_BODY) + 1))
         batch = await http.post("/v1/completions", json={"model": SERVED, "prompt": ["a", "b"]})
         no_route = await http.get("/v1/nothing")
     assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]["message"]
@@ -329,8 +330,9 @@ async def test_warm_up_health_and_the_grpc_ports_security(tmp_path) -> None:
     certs = make_certs(tmp_path)
     security = ServerSecurity(cert=certs.server_cert.read_bytes(), key=certs.server_key.read_bytes(),
                               client_ca=certs.ca.read_bytes(), token="sekret")
-    server = await _start_http(ProcessorConfig(model="/models/m"), ServerOptions(security=security),
-                               PreprocessorMetrics(), None, "127.0.0.1", 0, None)
+    server = await _start_http(
+        ProcessorConfig(model="/models/m"), ServerOptions(security=security, max_concurrent_rpcs=1),
+        PreprocessorMetrics(), None, "127.0.0.1", 0, None)
     base = f"https://127.0.0.1:{server.port}"
     tls = ssl.create_default_context(cafile=str(certs.ca))
     tls.load_cert_chain(certs.client_cert, certs.client_key)
@@ -348,6 +350,25 @@ async def test_warm_up_health_and_the_grpc_ports_security(tmp_path) -> None:
             assert warming.status_code == 503 and "warming up" in warming.json()["error"]["message"]
             models = await http.get("/v1/models", headers=key)
             assert models.json()["data"][0]["id"] == "/models/m"  # served name: the --model value
+
+            # --max-concurrent-rpcs 1: while one request is in flight (its body still coming),
+            # the next is refused at once, as RESOURCE_EXHAUSTED is on the gRPC port.
+            release = asyncio.Event()
+
+            async def slow_body():
+                yield b'{"model": "/models/m", '
+                await release.wait()
+                yield b'"messages": [{"role": "user", "content": "hi"}]}'
+
+            first = asyncio.create_task(http.post("/v1/chat/completions", content=slow_body(), headers=key))
+            for _ in range(500):
+                if server.in_flight:
+                    break
+                await asyncio.sleep(0.01)
+            busy = await http.post("/v1/chat/completions", json=body, headers=key)
+            release.set()
+            assert busy.status_code == 429 and busy.json()["error"]["type"] == "QUEUE_FULL"
+            assert (await first).status_code == 503 and server.in_flight == 0
         no_client_cert = ssl.create_default_context(cafile=str(certs.ca))
         with pytest.raises(httpx.HTTPError):  # mTLS: refused without a client certificate
             async with httpx.AsyncClient(verify=no_client_cert, timeout=30) as http:
