@@ -101,7 +101,7 @@ class Engine:
         self._store = feature_store
         self._validator = PromptValidator(profile, limits)
         self._to_input = PromptToEngineInput()
-        self._to_params = SamplingToParams(sampling_defaults)
+        self._to_params = SamplingToParams(sampling_defaults, max_model_len=profile.max_model_len)
         self._metrics = metrics or NullMetrics()
         self._sched = scheduler_view or SchedulerView()
         self._inflight: dict[str, _InFlight] = {}
@@ -248,7 +248,7 @@ class Engine:
         """Validate, resolve hash-only items, convert. Raises vlm.errors."""
         self._validator.validate_prompt(prompt)
         self._validator.validate_sampling(sampling, len(prompt.token_ids))
-        params = self._to_params(sampling)
+        params = self._to_params(sampling, len(prompt.token_ids))
         items = prompt.items
         if any(it.fields is None for it in items):
             hits0, misses0 = self._store.hits, self._store.misses

@@ -86,14 +86,21 @@ class SamplingToParams:
 
     _PASSTHROUGH = OPTIONAL_SAMPLING_FIELDS
 
-    def __init__(self, defaults: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, defaults: Mapping[str, Any] | None = None, *, max_model_len: int | None = None
+    ) -> None:
         # e.g. model_config.get_diff_sampling_param(): the generation config's defaults.
         self._defaults = {k: v for k, v in (defaults or {}).items() if k in self._PASSTHROUGH}
+        self._max_model_len = max_model_len
 
-    def __call__(self, sampling: Sampling) -> Any:
+    def __call__(self, sampling: Sampling, prompt_len: int | None = None) -> Any:
+        """Without max_tokens (here or in the generation config), generation may run to the
+        end of the context, as vLLM's OpenAI server does (not SamplingParams' 16)."""
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         kwargs: dict[str, Any] = dict(self._defaults)
+        if "max_tokens" not in kwargs and self._max_model_len is not None and prompt_len is not None:
+            kwargs["max_tokens"] = max(1, self._max_model_len - prompt_len)
         for name in self._PASSTHROUGH:
             value = getattr(sampling, name)
             if value is not None:

@@ -59,7 +59,7 @@ class FakeLLM:
             if r in self.live:
                 self.live[r].set()
 
-    def shutdown(self):
+    def shutdown(self, timeout=None):
         self.shut_down = True
 
 

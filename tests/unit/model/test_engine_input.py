@@ -98,3 +98,11 @@ def test_sampling_to_params():
     assert p.stop == ["x"] and p.stop_token_ids == [3]
     p = conv(Sampling(temperature=0.0, ignore_eos=True))
     assert p.temperature == 0.0 and p.ignore_eos
+
+
+def test_max_tokens_defaults_to_the_rest_of_the_context():
+    conv = SamplingToParams(max_model_len=100)
+    assert conv(Sampling(), prompt_len=30).max_tokens == 70  # as vLLM's OpenAI server does
+    assert conv(Sampling(max_tokens=5), prompt_len=30).max_tokens == 5
+    # The generation config's own max_tokens wins over the context default.
+    assert SamplingToParams({"max_tokens": 12}, max_model_len=100)(Sampling(), prompt_len=30).max_tokens == 12
