@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -91,7 +90,9 @@ from vlm.errors import (
     InvalidArgument,
     InvalidMedia,
     LimitExceeded,
+    ModelNotFound,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
     UpstreamError,
     VlmError,
@@ -127,16 +128,6 @@ _GENERATE_ROUTES = ("/v1/chat/completions", "/v1/completions")
 _ROUTES = (*_GENERATE_ROUTES, "/v1/models", "/health")
 
 _Req = TypeVar("_Req", bound=BaseModel)
-
-
-class ModelNotFound(VlmError):
-    code = grpc.StatusCode.NOT_FOUND
-    reason = "MODEL_NOT_FOUND"
-
-
-class Unauthenticated(VlmError):
-    code = grpc.StatusCode.UNAUTHENTICATED
-    reason = "UNAUTHENTICATED"
 
 
 class _ClientGone(Exception):

@@ -89,6 +89,24 @@ class MissingFeatures(FailedPrecondition):
         )
 
 
+class NotFound(VlmError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "NOT_FOUND"
+
+
+class ModelNotFound(NotFound):
+    """A request names a model this service does not serve (OpenAI's `model` field)."""
+
+    reason = "MODEL_NOT_FOUND"
+
+
+class Unauthenticated(VlmError):
+    """No valid credentials (the bearer token)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
 class AlreadyExists(VlmError):
     code = grpc.StatusCode.ALREADY_EXISTS
     reason = "ALREADY_EXISTS"
