@@ -30,6 +30,7 @@ from preprocessor_svc.processing import ProcessorConfig
 from preprocessor_svc.replicas import ReplicaState
 from preprocessor_svc.routing import rendezvous_order
 from tests.e2e.conftest import png
+from tests.service.model_core.hf_reference import hf_greedy
 from vlm import types
 from vlm.client import ModelClient, PreprocessorClient, check_health
 from vlm.errors import UpstreamError
@@ -55,6 +56,7 @@ class ModelProcess:
     def __init__(self, model_dir: Path, log_dir: Path) -> None:
         self.model_dir = model_dir
         self.port = _free_port()
+        self.metrics_port = _free_port()
         self.log_dir = log_dir
         self.proc: subprocess.Popen | None = None
         self.starts = 0
@@ -68,7 +70,8 @@ class ModelProcess:
         log = open(self.log_dir / f"model-{self.starts}.log", "wb")  # noqa: SIM115 - child owns it
         self.proc = subprocess.Popen(
             [*VLM, "serve-model", "--model", str(self.model_dir), "--port", str(self.port),
-             "--metrics-port", "-1", "--max-model-len", "1024", "--enforce-eager", "--dtype", dtype,
+             "--metrics-port", str(self.metrics_port), "--max-model-len", "1024", "--enforce-eager",
+             "--dtype", dtype,
              "--seed", "0", "--kv-cache-memory-bytes", str(128 << 20), "--grace", "10"],
             stdout=log, stderr=subprocess.STDOUT,
         )
@@ -213,6 +216,9 @@ async def test_restarted_replica_gets_the_missing_items_resent(gateway, r2) -> N
     resends, requests = replica.counters.resends, replica.counters.requests
     second = await _generate(_target(gateway), _chat(image))
     assert _tokens(second) == _tokens(first)
+    prompt = (await gateway.gateway.preprocess(_chat(image))).prompt.decoded
+    assert _tokens(second) == await asyncio.to_thread(
+        hf_greedy, str(r2.model_dir), prompt, GREEDY.max_tokens)  # the resent item is the right one
     assert replica.counters.resends == resends + 1  # hash-only → MISSING_FEATURES → resent once
     assert replica.counters.requests == requests + 1
 
@@ -305,6 +311,7 @@ async def test_replica_with_another_model_is_refused(gateway, r2, llava_pipeline
     it; a gateway whose only replica it is stays NOT_SERVING, says why, and fails requests with
     UNAVAILABLE at once."""
     caplog.set_level(logging.WARNING, logger="preprocessor_svc.replicas")
+    r2.stop()  # stopped already when the whole module runs
     r2.start(dtype="bfloat16")
     await r2.wait_serving()
     replica = _replica(gateway, r2.target)
@@ -359,3 +366,36 @@ async def test_gateway_for_other_model_files_waits_not_serving_and_says_why(
     finally:
         start.cancel()
         await asyncio.gather(start, return_exceptions=True)
+
+
+async def test_engine_death_turns_the_replica_not_serving(gateway, r2) -> None:
+    """The engine core process dies under a running model service: its health turns
+    NOT_SERVING, `vlm_engine_healthy` drops to 0, and requests get UNAVAILABLE, while the
+    service process itself stays up to say so."""
+    import psutil
+
+    replica = _replica(gateway, r2.target)
+    metrics_url = f"http://127.0.0.1:{r2.metrics_port}/metrics"
+
+    def engine_healthy() -> float:
+        import urllib.request
+
+        body = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+        return float(next(l for l in body.splitlines() if l.startswith("vlm_engine_healthy ")).split()[1])
+
+    assert await asyncio.to_thread(engine_healthy) == 1.0
+    children = psutil.Process(r2.proc.pid).children(recursive=True)
+    core = [p for p in children if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())]
+    assert core, [(p.name(), p.cmdline()) for p in children]
+    for p in core:
+        p.kill()
+    deadline = time.monotonic() + 15
+    while await check_health(r2.target, timeout=2) != "NOT_SERVING":
+        assert time.monotonic() < deadline and r2.proc.poll() is None, r2.log_tail()
+        await asyncio.sleep(0.2)
+    assert await asyncio.to_thread(engine_healthy) == 0.0
+    async with ModelClient(r2.target) as direct:
+        with pytest.raises(UpstreamError) as err:
+            async for _ in direct.generate(types.Prompt(replica.info.fingerprint, (1, 2, 3)), GREEDY):
+                pass
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE
