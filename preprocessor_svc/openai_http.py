@@ -82,9 +82,8 @@ from vllm.entrypoints.serve.engine.protocol import (
     PromptTokenUsageInfo,
     UsageInfo,
 )
-from vllm.exceptions import VLLMValidationError
 
-from vlm import types
+from vlm import types, vllm_errors
 from vlm.errors import (
     Internal,
     InvalidArgument,
@@ -196,10 +195,11 @@ def _validate(cls: type[_Req], obj: dict[str, Any], supported: frozenset[str]) -
     except ValidationError as e:
         first = e.errors()[0]
         raise InvalidArgument(first["msg"], field=_loc_param(first["loc"])) from None
-    except VLLMValidationError as e:
-        raise InvalidArgument(str(e.args[0]) if e.args else str(e), field=e.parameter) from None
-    except (ValueError, TypeError) as e:
-        raise InvalidArgument(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - vLLM's validators; translated in one table
+        err = vllm_errors.translate(e, vllm_errors.OPENAI_REQUEST)
+        if err is None:
+            raise
+        raise err from None
     for name in req.model_extra or {}:
         raise InvalidArgument(f"unknown field {name!r}", field=name)
     unsupported = req.model_fields_set - supported

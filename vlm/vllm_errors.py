@@ -32,10 +32,14 @@ class Stage:
     #: Plain Python errors (ValueError, KeyError, ...) raised here come from the request's
     #: content (the processor or SamplingParams rejecting it), not from a server bug.
     input_errors: bool = False
+    #: The parameter vLLM names is itself the request field (an OpenAI request body's).
+    parameter_is_field: bool = False
 
 
 SAMPLING = Stage("sampling", "sampling", input_errors=True)
 GENERATION = Stage("generation")
+#: Building vLLM's OpenAI request models from an HTTP body (its validators raise too).
+OPENAI_REQUEST = Stage("request", None, input_errors=True, parameter_is_field=True)
 
 
 def processing(prompt_field: str, name: str) -> Stage:
@@ -56,6 +60,8 @@ def _field(e: BaseException, stage: Stage) -> str | None:
     """A sampling parameter named by vLLM (`parameter`, or at the sampling stage the message's
     first word) is `sampling.<name>`; anything else is the stage's field."""
     name = getattr(e, "parameter", None)
+    if stage.parameter_is_field:
+        return name or stage.field
     if not name and stage is SAMPLING:
         m = _LEADING_NAME.match(str(e))
         name = m.group(1) if m else None
@@ -66,7 +72,7 @@ def _field(e: BaseException, stage: Stage) -> str | None:
 
 def _invalid(e: BaseException, stage: Stage) -> VlmError:
     text = _message(e)
-    if stage is not SAMPLING:
+    if stage is not SAMPLING and stage is not OPENAI_REQUEST:
         text = f"{stage.name} failed: {text}"
     return InvalidArgument(text, field=_field(e, stage))
 
