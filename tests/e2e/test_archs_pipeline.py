@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
+import grpc
 import pytest
 import pytest_asyncio
 import torch
@@ -338,6 +339,10 @@ async def _run_one_image(pipe: Pipeline, text: str, image: bytes) -> types.Promp
     return prompt
 
 
+class _KnownVllmRefusal(Exception):
+    """The preprocessor refused the prompt exactly as the recorded vLLM bug predicts."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Tests, one class (one engine) per architecture
 # ---------------------------------------------------------------------------------------------
@@ -460,14 +465,19 @@ class TestGemma3:
         assert ids == await asyncio.to_thread(hf_bidirectional)
 
 
-    @pytest.mark.xfail(strict=True, raises=UpstreamError, reason=(
+    @pytest.mark.xfail(strict=True, raises=_KnownVllmRefusal, reason=(
         "vLLM 0.32 Gemma3 processor bug: after expansion the image's trailing '\\n\\n' and the "
         "prompt's '\\n' are merged into the '\\n\\n\\n' token, which _find_mm_placeholders "
         "splits back as '\\n' + '\\n\\n' (wrong order), so no placeholder is found: RuntimeError "
         "'Expected there to be 1 prompt placeholders ... but instead found 0', which the "
         "preprocessor answers INVALID_ARGUMENT naming prompt.text. HF's processor takes this prompt."))
     async def test_image_followed_by_newline(self, pipe) -> None:
-        await _run_one_image(pipe, f"{self.TOK.image_token}\nWhat is in the picture?", png(42, (48, 40)))
+        try:
+            await _run_one_image(pipe, f"{self.TOK.image_token}\nWhat is in the picture?", png(42, (48, 40)))
+        except UpstreamError as e:
+            # Exactly the known refusal, not any failure.
+            assert e.code == grpc.StatusCode.INVALID_ARGUMENT and e.upstream_field == "prompt.text", e
+            raise _KnownVllmRefusal(e.message) from e
 
 
 class TestIdefics3:

@@ -209,3 +209,47 @@ async def test_model_info_agrees_between_services(llava_pipeline) -> None:
     assert image.max_items_per_prompt >= 1
     assert 0.0 <= load.kv_cache_usage <= 1.0 and load.running == 0
     assert load.feature_store_items >= 1 and load.feature_store_bytes > 0
+
+
+async def test_abort_rpc_stops_a_running_request(llava_pipeline) -> None:
+    async with llava_pipeline.pre_client() as pre:
+        prompt = await pre.preprocess(_text_prompt(1, seeds=(41,)))
+    long = types.Sampling(temperature=0.0, max_tokens=900, ignore_eos=True)
+    async with llava_pipeline.model_client() as model:
+        stream = model.generate(prompt, long, request_id="abort-me")
+        first = await anext(stream)
+        assert await model.abort("abort-me") is True
+        rest = [c async for c in stream]
+        total = len(first.token_ids) + sum(len(c.token_ids) for c in rest)
+        assert total < 900 and rest and rest[-1].finish_reason is types.FinishReason.ABORT
+        assert await model.abort("abort-me") is False  # gone
+        assert await model.abort("never-was") is False
+
+
+async def test_preprocess_omits_fields_for_the_hashes_asked(llava_pipeline) -> None:
+    prompt_in = _text_prompt(2, seeds=(43, 44))
+    async with llava_pipeline.pre_client() as pre:
+        full = await pre.preprocess(prompt_in)
+        first, second = (i.hash for i in full.items)
+        from vlm import convert
+        from vlm.preprocessor.v1 import preprocessor_pb2 as pre_pb
+
+        prompt_pb, media_pb = convert.prompt_input_to_pb(prompt_in)
+        resp = await pre._stub.Preprocess(pre_pb.PreprocessRequest(
+            prompt=prompt_pb, media=media_pb, omit_features_for_hashes=[second]))
+    got = convert.prompt_from_pb(resp.prompt)
+    assert [i.hash for i in got.items] == [first, second]
+    assert got.items[0].fields is not None and got.items[1].fields is None
+    assert got.token_ids == full.token_ids
+
+
+async def test_model_service_errors_pass_through_the_gateway_with_their_field(llava_pipeline) -> None:
+    """A check only the model service makes (a stop token outside the vocabulary) reaches the
+    gateway's client with the same code and field."""
+    info = llava_pipeline.model.engine.model_info()
+    bad = types.Sampling(max_tokens=4, stop_token_ids=(info.vocab_size + 5,))
+    async with llava_pipeline.pre_client() as pre:
+        with pytest.raises(UpstreamError) as exc:
+            await _collect(pre.generate(_text_prompt(1, seeds=(45,)), bad))
+    assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert exc.value.upstream_field == "sampling.stop_token_ids[0]"
