@@ -76,6 +76,7 @@ class ModelMetrics(BaseMetrics):
 
     def bind(self, engine) -> None:
         """Read the load gauges from the live engine at scrape time."""
+        self.bind_profile(engine.profile)
         self.num_requests_running.set_function(lambda: engine.load().running)
         self.num_requests_waiting.set_function(lambda: engine.load().waiting)
         self.kv_cache_usage.set_function(lambda: engine.load().kv_cache_usage)

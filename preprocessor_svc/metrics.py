@@ -110,6 +110,7 @@ class PreprocessorMetrics(BaseMetrics):
 
     def bind(self, preprocessor: Preprocessor) -> None:
         """Export the pool's gauges and counters, read at scrape time."""
+        self.bind_profile(preprocessor.profile)
         self.registry.register(_PoolCollector(preprocessor))
 
     def bind_replicas(self, replicas: ReplicaSet) -> None:

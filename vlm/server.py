@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from vlm import __version__
 from vlm.common.v1 import generation_pb2
@@ -196,6 +196,18 @@ class BaseMetrics:
             ["method"],
             registry=self.registry,
         )
+        self.profile_field_checks = Gauge(
+            f"{METRICS_PREFIX}_model_profile_field_checks",
+            "1 where the model profile holds the field specs probed from vLLM's processor for the "
+            "modality (full validation); 0 where probing failed and only generic checks apply.",
+            ["modality"],
+            registry=self.registry,
+        )
+
+    def bind_profile(self, profile: Any) -> None:
+        """Export how strong the profile's checks are, per modality (`vlm.profile.ModelProfile`)."""
+        for modality, mp in profile.modalities.items():
+            self.profile_field_checks.labels(modality.value).set(0.0 if mp.fields is None else 1.0)
 
 
 def _library_versions() -> dict[str, str]:

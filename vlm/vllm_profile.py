@@ -69,8 +69,11 @@ def build_profile(
             try:
                 probes = [_probe(processor, modality, k, model_config.max_model_len) for k in range(3)]
             except Exception:  # noqa: BLE001 - some processors cannot build small dummies
-                log.warning("%s: could not probe the processor; generic checks only",
-                            modality.value, exc_info=True)
+                # Loud: a weaker validation must be visible (also as
+                # vlm_model_profile_field_checks{modality} = 0 on both services).
+                log.error("%s: could not probe vLLM's processor: field shapes, dtypes and embed "
+                          "counts will NOT be checked, only generic checks apply",
+                          modality.value, exc_info=True)
                 ids = _config_token_ids(model_config.hf_config, modality)
                 modalities[modality] = ModalityProfile(placeholder_token_ids=frozenset(ids), **base)
                 continue

@@ -278,6 +278,15 @@ async def pipe(request, e2e_models_root) -> Pipeline:
     await asyncio.to_thread(warm_vllm_model_info_cache, model_dir)
     p = await start_pipeline(arch, e2e_models_root)
     print(f"\n[{arch}] pipeline up in {time.perf_counter() - t0:.1f}s", flush=True)
+    # Full validation strength for every tested architecture: the probe derived every
+    # modality's field specs and an embed-count relation where one exists, on both services.
+    for app in (p.model, p.pre):
+        reg = app.grpc.metrics.registry
+        for modality, mp in p.model.engine.profile.modalities.items():
+            assert mp.fields, f"{arch}/{modality.value}: no field specs (generic checks only)"
+            assert mp.placeholder_token_ids, f"{arch}/{modality.value}: no placeholder tokens"
+            assert reg.get_sample_value("vlm_model_profile_field_checks", {"modality": modality.value}) == 1.0
+    assert p.model.engine.profile == p.pre.preprocessor.profile
     try:
         yield p
     finally:
