@@ -49,17 +49,13 @@ def tiny_model_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_root):
-    """tiny_model(arch) -> model dir; skips when the shared builder doesn't offer `arch` yet."""
+    """tiny_model(arch) -> model dir. A builder that fails is a failure, never a skip."""
     from vlm.testing import tiny_models
 
     def get(arch: str) -> Path:
-        if arch not in tiny_models.SPECS or not tiny_models.SPECS[arch].image_token:
-            pytest.skip(f"vlm.testing.tiny_models has no {arch} yet")
+        assert arch in tiny_models.SPECS, f"vlm.testing.tiny_models has no {arch}"
         with _lock:
-            try:
-                return tiny_models.build_tiny_model(arch, tiny_model_root / arch)
-            except ValueError as e:  # unknown arch in this version of the builder
-                pytest.skip(str(e))
+            return tiny_models.build_tiny_model(arch, tiny_model_root / arch)
 
     return get
 
