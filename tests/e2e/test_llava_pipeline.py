@@ -151,28 +151,78 @@ async def test_bad_media_is_invalid_argument_and_service_stays_up(llava_pipeline
 
 
 async def test_health_and_metrics_of_both_services(llava_pipeline) -> None:
+    """Every metric of the README's table, by value after known traffic: one image request,
+    then the same image again (hash-only: a feature-store hit), 8 tokens each."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     for target in (llava_pipeline.pre_target, llava_pipeline.model_target):
         async with grpc.aio.insecure_channel(target) as ch:
             resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
-    model_body = await asyncio.to_thread(
-        lambda: urllib.request.urlopen(f"http://127.0.0.1:{llava_pipeline.model.grpc.metrics_port}/metrics").read().decode()
-    )
-    for name in ("vlm_time_to_first_token_seconds_bucket", "vlm_inter_token_latency_seconds_bucket",
-                 "vlm_e2e_request_latency_seconds_bucket", "vlm_generation_tokens_total",
-                 "vlm_prompt_tokens_total", "vlm_request_success_total", "vlm_num_requests_running",
-                 "vlm_num_requests_waiting", "vlm_kv_cache_usage_perc", "vlm_feature_store_bytes"):
-        assert name in model_body, name
-    pre_body = await asyncio.to_thread(
-        lambda: urllib.request.urlopen(f"http://127.0.0.1:{llava_pipeline.pre.grpc.metrics_port}/metrics").read().decode()
-    )
-    for name in ("vlm_preprocess_duration_seconds_bucket", 'vlm_preprocess_items_total{modality="image"}',
-                 "vlm_preprocess_prompt_tokens_total", "vlm_preprocess_feature_bytes_total",
-                 "vlm_processor_cache_hits_total", "vlm_processor_cache_misses_total",
-                 "vlm_preprocess_queue_depth", "vlm_preprocess_in_flight", "vlm_grpc_requests_total",
-                 "vlm_preprocess_workers_ready 1.0", "vlm_preprocess_worker_restarts_total 0.0",
-                 "vlm_preprocess_rejected_total 0.0", "vlm_processor_cache_bytes"):
-        assert name in pre_body, name
+
+    def scrape(app) -> dict[tuple[str, tuple], float]:
+        url = f"http://127.0.0.1:{app.grpc.metrics_port}/metrics"
+        body = urllib.request.urlopen(url).read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(body) for s in fam.samples}
+
+    def delta(after, before, name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        assert key in after, f"{name}{labels} not exported"
+        return after[key] - before.get(key, 0.0)
+
+    m0, p0 = await asyncio.to_thread(scrape, llava_pipeline.model), await asyncio.to_thread(scrape, llava_pipeline.pre)
+    prompt_in = _text_prompt(1, seeds=(61,), suffix="Describe the picture in detail. " * 40)
+    sampling = types.Sampling(temperature=0.0, max_tokens=8, ignore_eos=True)
+    async with llava_pipeline.pre_client() as pre:
+        prompt = await pre.preprocess(prompt_in)  # one more Preprocess
+        for _ in range(2):
+            await _collect(pre.generate(prompt_in, sampling))
+    m1, p1 = await asyncio.to_thread(scrape, llava_pipeline.model), await asyncio.to_thread(scrape, llava_pipeline.pre)
+    n_prompt = len(prompt.token_ids)
+    gen = "/vlm.model.v1.ModelService/Generate"
+    # Model service.
+    assert delta(m1, m0, "vlm_grpc_requests_total", method=gen, code="OK") == 2
+    assert delta(m1, m0, "vlm_grpc_request_duration_seconds_count", method=gen) == 2
+    assert delta(m1, m0, "vlm_prompt_tokens_total") == 2 * n_prompt
+    assert delta(m1, m0, "vlm_generation_tokens_total") == 16
+    assert delta(m1, m0, "vlm_request_success_total", finished_reason="length") == 2
+    assert delta(m1, m0, "vlm_time_to_first_token_seconds_count") == 2
+    assert delta(m1, m0, "vlm_e2e_request_latency_seconds_count") == 2
+    assert delta(m1, m0, "vlm_inter_token_latency_seconds_count") == 14
+    assert delta(m1, m0, "vlm_prefix_cache_hit_tokens_total") > 0  # the second request's prefix
+    assert delta(m1, m0, "vlm_feature_store_hits_total") == 1
+    assert delta(m1, m0, "vlm_feature_store_misses_total") == 0
+    assert m1[("vlm_feature_store_items", ())] >= 1 and m1[("vlm_feature_store_bytes", ())] > 0
+    assert m1[("vlm_num_requests_running", ())] == 0 and m1[("vlm_num_requests_waiting", ())] == 0
+    assert 0.0 <= m1[("vlm_kv_cache_usage_perc", ())] <= 1.0
+    assert m1[("vlm_engine_healthy", ())] == 1.0
+    assert any(k[0] == "vlm_build_info" for k in m1)
+    # Preprocessor.
+    pre_gen = "/vlm.preprocessor.v1.PreprocessorService/Generate"
+    assert delta(p1, p0, "vlm_grpc_requests_total", method=pre_gen, code="OK") == 2
+    assert delta(p1, p0, "vlm_grpc_requests_total",
+                 method="/vlm.preprocessor.v1.PreprocessorService/Preprocess", code="OK") == 1
+    assert delta(p1, p0, "vlm_preprocess_duration_seconds_count", modality="image") == 3
+    assert delta(p1, p0, "vlm_preprocess_items_total", modality="image") == 3
+    assert delta(p1, p0, "vlm_preprocess_prompt_tokens_total") == 3 * n_prompt
+    assert delta(p1, p0, "vlm_preprocess_feature_bytes_total") == 3 * prompt.items[0].nbytes
+    assert (delta(p1, p0, "vlm_processor_cache_hits_total")
+            + delta(p1, p0, "vlm_processor_cache_misses_total")) == 3
+    assert delta(p1, p0, "vlm_preprocess_requests_total") == 3
+    assert delta(p1, p0, "vlm_preprocess_failures_total") == 0
+    assert p1[("vlm_preprocess_workers", ())] == 1 and p1[("vlm_preprocess_workers_ready", ())] == 1
+    assert p1[("vlm_preprocess_queue_depth", ())] == 0 and p1[("vlm_preprocess_in_flight", ())] == 0
+    assert p1[("vlm_preprocess_max_queue", ())] > 0 and p1[("vlm_processor_cache_bytes", ())] >= 0
+    assert delta(p1, p0, "vlm_preprocess_worker_restarts_total") == 0
+    assert delta(p1, p0, "vlm_preprocess_rejected_total") == 0
+    replica = llava_pipeline.model_target
+    assert delta(p1, p0, "vlm_gateway_replica_requests_total", replica=replica) == 2
+    assert delta(p1, p0, "vlm_gateway_replica_affinity_hits_total", replica=replica) == 1
+    assert delta(p1, p0, "vlm_gateway_replica_resends_total", replica=replica) == 0
+    assert delta(p1, p0, "vlm_gateway_replica_failovers_total", replica=replica) == 0
+    assert p1[("vlm_gateway_replica_up", (("replica", replica),))] == 1
+    assert p1[("vlm_gateway_replica_in_flight", (("replica", replica),))] == 0
 
 
 async def test_cancel_mid_stream_aborts_in_engine(llava_pipeline) -> None:
