@@ -33,8 +33,14 @@ def test_sensitive_to_configs_and_impl_not_weights(tmp_path):
     assert compute_fingerprint(str(d), "auto", feature_dtype="bfloat16").config_hash == base.config_hash
     (d / "preprocessor_config.json").write_text(json.dumps({"size": 64}))
     assert compute_fingerprint(str(d), "auto", feature_dtype="bfloat16").config_hash != base.config_hash
-    (d / "chat_template.jinja").write_text("{{ x }}")
-    assert "chat_template.jinja" in FINGERPRINT_FILES
+    hashes = {compute_fingerprint(str(d), "auto", feature_dtype="bfloat16").config_hash}
+    # A chat template added, then changed; the tokenizer changed: each is another model.
+    for name, content in (("chat_template.jinja", "{{ x }}"), ("chat_template.jinja", "{{ y }}"),
+                          ("tokenizer.json", '{"version": "1.0"}')):
+        (d / name).write_text(content)
+        h = compute_fingerprint(str(d), "auto", feature_dtype="bfloat16").config_hash
+        assert h not in hashes, name
+        hashes.add(h)
 
 
 def test_vllm_release_has_no_local_suffix():
