@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from vlm.fingerprint import FINGERPRINT_FILES, compute_fingerprint, vllm_release
+from vlm.fingerprint import compute_fingerprint, vllm_release
 
 
 def make_model(d, **extra):
