@@ -32,7 +32,8 @@ What is checked (`PromptValidator`):
   patch rows = prod(grid) x k. GAP: for other variable-size models (e.g. LLaVA-OneVision anyres,
   Pixtral, Idefics3) the count is not checked; the fixed dims, dtypes and layouts still are.
 * sampling — vLLM's own `SamplingParams` checks (in `engine_input.SamplingToParams`, translated
-  by `vlm.vllm_errors`), plus stop token IDs
+  by `vlm.vllm_errors`), plus at most vLLM's `VLLM_MAX_STOP_STRINGS` stop strings (the bound
+  vLLM's OpenAI server puts on `stop`; `SamplingParams` itself takes any number), stop token IDs
   within the vocabulary, logprobs <= the engine's max_logprobs, and prompt + max_tokens <=
   max_model_len (`PromptTooLong` naming sampling.max_tokens).
 
@@ -63,9 +64,15 @@ def _ph(i: int, what: str = "") -> str:
 
 
 class PromptValidator:
-    def __init__(self, profile: ModelProfile, limits: Limits | None = None) -> None:
+    def __init__(
+        self, profile: ModelProfile, limits: Limits | None = None, *, max_stop_strings: int | None = None
+    ) -> None:
         self.profile = spec = profile
         self.limits = limits or Limits()
+        #: Stop strings per request (None: vLLM's VLLM_MAX_STOP_STRINGS, as its OpenAI server;
+        #: read on the first request with stop strings, so that building a validator does not
+        #: import vLLM).
+        self._max_stop_strings = max_stop_strings
         self._placeholder_ids: dict[int, Modality] = {}
         for m in spec.modalities.values():
             for t in m.placeholder_token_ids:
@@ -336,6 +343,15 @@ class PromptValidator:
 
     def validate_sampling(self, sampling: Sampling, prompt_len: int) -> None:
         spec = self.profile
+        if sampling.stop:
+            if self._max_stop_strings is None:
+                self._max_stop_strings = _vllm_max_stop_strings()
+            if len(sampling.stop) > self._max_stop_strings:
+                raise InvalidArgument(
+                    f"{len(sampling.stop)} stop strings; at most {self._max_stop_strings} "
+                    "(vLLM's VLLM_MAX_STOP_STRINGS)",
+                    field="sampling.stop",
+                )
         for k, t in enumerate(sampling.stop_token_ids):
             if not 0 <= t < spec.vocab_size:
                 raise InvalidArgument(
@@ -354,6 +370,14 @@ class PromptValidator:
                     f"model's max length {spec.max_model_len}",
                     field="sampling.max_tokens",
                 )
+
+
+def _vllm_max_stop_strings() -> int:
+    try:
+        from vllm import envs
+    except ImportError:  # pragma: no cover - the model service always has vLLM
+        return 4
+    return int(envs.VLLM_MAX_STOP_STRINGS)
 
 
 def _dtype(d: torch.dtype) -> str:

@@ -12,8 +12,9 @@ What this module adds around the renderer:
   runs): fingerprint, placeholder tokens and limits behind every check below;
 * media decoding under limits (`preprocessor_svc.media`), with errors naming request fields;
 * the per-request processor-kwargs allow-list (`preprocessor_svc.kwargs`);
-* checks vLLM does not do: placeholder count vs. media count, items per modality, prompt length
-  after expansion;
+* checks vLLM does not do: a non-empty prompt text, chat roles from `CHAT_ROLES`, text that is
+  valid Unicode, placeholder count vs. media count, items per modality, prompt length after
+  expansion;
 * conversion of vLLM's `MultiModalInput` into `vlm.types.Prompt` (items in prompt order, each
   with its own tensors and field layout) plus metrics for the servicer.
 
@@ -136,6 +137,12 @@ class PreprocessResult:
 
 _INPUT_FIELDS = {"text": "prompt.text", "token_ids": "prompt.token_ids", "messages": "prompt.messages"}
 
+#: Chat roles accepted: OpenAI's (its deprecated "function" aside), which vLLM's chat parser and
+#: the usual chat templates know. vLLM itself renders any role string it is given (a template
+#: then answers a "wizard" turn as it would a user's), so an unknown role is refused here:
+#: INVALID_ARGUMENT naming prompt.messages[i].role.
+CHAT_ROLES: frozenset[str] = frozenset({"system", "developer", "user", "assistant", "tool"})
+
 
 @dataclass(frozen=True)
 class _MediaRef:
@@ -239,6 +246,7 @@ class Processor:
         t_start = time.perf_counter()
         kind = _input_kind(prompt)
         prompt_field = _INPUT_FIELDS[kind]
+        _check_text(prompt, kind)
         hf_kwargs, video_io = self.kwargs.split(processor_kwargs)
         refs = self._media_refs(prompt, kind)
         self._check_items(refs, kind)
@@ -485,6 +493,41 @@ def _engine_kwargs(config: ProcessorConfig) -> dict[str, Any]:
     if config.media_io_kwargs:
         kwargs["media_io_kwargs"] = {k: dict(v) for k, v in config.media_io_kwargs.items()}
     return kwargs
+
+
+def _check_text(prompt: PromptInput, kind: str) -> None:
+    """The text a request carries before vLLM sees it: a text prompt is not empty (a tokenizer
+    that adds BOS would turn "" into a prompt of BOS alone), chat roles are known, and every
+    string is valid Unicode (a lone surrogate, e.g. from a JSON "\\ud800" escape, cannot be
+    encoded to UTF-8 for the tokenizer)."""
+    if kind == "text":
+        if not prompt.text:
+            raise InvalidArgument("the prompt text is empty", field="prompt.text")
+        _check_unicode(prompt.text, "prompt.text")
+        return
+    if kind != "messages":
+        return
+    for i, msg in enumerate(prompt.messages or ()):
+        if msg.role not in CHAT_ROLES:
+            shown = msg.role if len(msg.role) <= 40 else msg.role[:37] + "..."
+            raise InvalidArgument(
+                f"unknown role {shown!r}; a message's role is one of {', '.join(sorted(CHAT_ROLES))}",
+                field=f"prompt.messages[{i}].role",
+            )
+        for j, part in enumerate(msg.content):
+            if part.text is not None:
+                _check_unicode(part.text, f"prompt.messages[{i}].content[{j}].text")
+
+
+def _check_unicode(text: str, field_path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidArgument(
+            f"the text is not valid Unicode: {e.object[e.start]!r} at character {e.start} is a "
+            "lone surrogate, which UTF-8 cannot encode",
+            field=field_path,
+        ) from None
 
 
 def _input_kind(prompt: PromptInput) -> str:

@@ -15,12 +15,14 @@ no tensor and parses nothing it forwards.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any
 
-from google.protobuf import json_format
+from google.protobuf import descriptor_pool, json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError
 
 from vlm import codec, types
 from vlm.common.v1 import generation_pb2 as gen_pb
@@ -63,6 +65,192 @@ def modality_from_pb(value: int, *, field: str) -> types.Modality:
         return _MODALITY_FROM_PB[value]
     except KeyError:
         raise InvalidArgument(f"modality must be IMAGE, VIDEO or AUDIO (got {value})", field=field)
+
+
+# ---------------------------------------------------------------------------------- request bytes
+#
+# Bytes that protobuf cannot parse as the method's request (corrupt wire format, a string field
+# that is not UTF-8) fail in grpc's deserializer, before any handler runs: grpc answers UNKNOWN
+# ("Unexpected DecodeError") and names nothing. `request_deserializer` wraps a deserializer so
+# that such bytes become an `InvalidArgument` *value* naming the field at fault, for the handler
+# (the error-mapping interceptor) to raise where errors become statuses.
+
+
+def wire_fault(
+    descriptor: Descriptor, data: bytes | memoryview, *, field: str = ""
+) -> tuple[str, str] | None:
+    """The first place where `data` is not a valid serialization of `descriptor`: (dotted field
+    path, reason), e.g. ("prompt.items[0].hash", "not valid UTF-8"); None if none is found. A
+    walk of the wire format against the descriptor (repeated messages are indexed, map entries
+    named by their key): protobuf's own parser says only that the bytes are corrupt."""
+    try:
+        _walk(descriptor, memoryview(data), 0, len(data), field)
+    except _Fault as f:
+        return f.path, f.reason
+    return None
+
+
+def undecodable_request(
+    descriptor: Descriptor, data: bytes | memoryview, error: Exception
+) -> InvalidArgument:
+    """The `InvalidArgument` for request bytes that protobuf rejected with `error`."""
+    fault = wire_fault(descriptor, data)
+    name = descriptor.full_name
+    if fault is None:
+        return InvalidArgument(f"the request is not a valid {name} message: {error}")
+    path, reason = fault
+    return InvalidArgument(f"the request is not a valid {name} message: {reason}", field=path or None)
+
+
+def request_deserializer(
+    deserializer: Callable[[bytes], Any] | None, method: str
+) -> Callable[[bytes], Any] | None:
+    """`deserializer` (for the gRPC method path "/pkg.Service/Method"), except that bytes it
+    cannot parse return an `InvalidArgument` (see `undecodable_request`) instead of raising."""
+    descriptor = _request_type(method)
+    if deserializer is None or descriptor is None:
+        return deserializer
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as e:
+            return undecodable_request(descriptor, data, e)
+
+    return parse
+
+
+@cache
+def _request_type(method: str) -> Descriptor | None:
+    """The request message type of gRPC method "/pkg.Service/Method" (None if unknown)."""
+    service, _, name = method.lstrip("/").rpartition("/")
+    try:
+        return descriptor_pool.Default().FindMethodByName(f"{service}.{name}").input_type
+    except (KeyError, ValueError):
+        return None
+
+
+class _Fault(Exception):
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)
+        self.path, self.reason = path, reason
+
+
+_VARINT_TYPES = frozenset({
+    FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32,
+    FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_BOOL, FieldDescriptor.TYPE_ENUM,
+})
+_FIXED_SIZE = {
+    FieldDescriptor.TYPE_FIXED32: 4, FieldDescriptor.TYPE_SFIXED32: 4, FieldDescriptor.TYPE_FLOAT: 4,
+    FieldDescriptor.TYPE_FIXED64: 8, FieldDescriptor.TYPE_SFIXED64: 8, FieldDescriptor.TYPE_DOUBLE: 8,
+}
+
+
+def _varint(buf: memoryview, pos: int, end: int, path: str) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end:
+            raise _Fault(path, "truncated varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+        if shift >= 70:
+            raise _Fault(path, "varint longer than 10 bytes")
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+#: protobuf's own nesting limit.
+_MAX_DEPTH = 100
+
+
+def _walk(desc: Descriptor, buf: memoryview, pos: int, end: int, path: str, depth: int = 0) -> None:
+    if depth > _MAX_DEPTH:
+        # The path down there is thousands of characters: name where the nesting starts.
+        head = ".".join(path.split(".")[:4])
+        raise _Fault(head, f"messages nested over {_MAX_DEPTH} deep")
+    seen: dict[int, int] = {}
+    is_entry = desc.GetOptions().map_entry
+    while pos < end:
+        tag, pos = _varint(buf, pos, end, path)
+        number, wire = tag >> 3, tag & 7
+        f = desc.fields_by_number.get(number)
+        # Inside a map entry the key and value stand for the entry itself (`fields.NAME`).
+        here = path if is_entry else _join(path, f.name if f else f"<field {number}>")
+        if number == 0:
+            raise _Fault(path, "field number 0")
+        if wire == 0:
+            _, pos = _varint(buf, pos, end, here)
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            if pos > end:
+                raise _Fault(here, "truncated fixed-size value")
+        elif wire == 2:
+            n, pos = _varint(buf, pos, end, here)
+            if pos + n > end:
+                raise _Fault(here, f"length {n} runs past the end of the enclosing message")
+            if f is not None:
+                _check_value(f, buf, pos, pos + n, here, seen, depth)
+            pos += n
+        else:
+            raise _Fault(here, f"unsupported wire type {wire}")
+
+
+def _check_value(
+    f: FieldDescriptor, buf: memoryview, start: int, end: int, here: str, seen: dict[int, int], depth: int
+) -> None:
+    """One length-delimited value of known field `f`."""
+    if f.type == FieldDescriptor.TYPE_STRING:
+        try:
+            bytes(buf[start:end]).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _Fault(here, f"not valid UTF-8 (byte {e.start})") from None
+    elif f.type == FieldDescriptor.TYPE_MESSAGE:
+        sub = f.message_type
+        if sub.GetOptions().map_entry:
+            key = _entry_key(sub, buf, start, end)
+            here = f"{here}.{key}" if key is not None else here
+        elif f.is_repeated:
+            k = seen.get(f.number, 0)
+            seen[f.number] = k + 1
+            here = f"{here}[{k}]"
+        _walk(sub, buf, start, end, here, depth + 1)
+    elif f.is_repeated and f.type in _VARINT_TYPES:
+        pos = start
+        while pos < end:  # packed
+            _, pos = _varint(buf, pos, end, here)
+    elif f.is_repeated and f.type in _FIXED_SIZE:
+        if (end - start) % _FIXED_SIZE[f.type]:
+            raise _Fault(here, "packed fixed-size values of a partial length")
+
+
+def _entry_key(entry: Descriptor, buf: memoryview, pos: int, end: int) -> str | None:
+    """A map entry's string key (the last one, as protobuf keeps), if readable."""
+    key = None
+    try:
+        while pos < end:
+            tag, pos = _varint(buf, pos, end, "")
+            wire = tag & 7
+            if wire == 0:
+                _, pos = _varint(buf, pos, end, "")
+            elif wire in (1, 5):
+                pos += 8 if wire == 1 else 4
+            elif wire == 2:
+                n, pos = _varint(buf, pos, end, "")
+                if tag >> 3 == 1:
+                    key = bytes(buf[pos : pos + n]).decode("utf-8")
+                pos += n
+            else:
+                return key
+    except (_Fault, UnicodeDecodeError):
+        return key
+    return key if key and entry.fields_by_number[1].type == FieldDescriptor.TYPE_STRING else None
 
 
 # ---------------------------------------------------------------------------------- inputs
@@ -362,14 +550,38 @@ def sampling_from_pb(msg: gen_pb.SamplingParams) -> types.Sampling:
 
 
 def sampling_to_pb(s: types.Sampling) -> gen_pb.SamplingParams:
-    out = gen_pb.SamplingParams(
-        stop=list(s.stop), stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos
-    )
+    """Raises InvalidArgument naming `sampling.<name>` for a value the wire type cannot hold
+    (a negative count in a uint32 field, an integer over 64 bits): such a value can only come
+    from a request that did not go through protobuf (the HTTP front door, the client library)."""
+    out = gen_pb.SamplingParams(ignore_eos=s.ignore_eos)
+    for name, values in (("stop", s.stop), ("stop_token_ids", s.stop_token_ids)):
+        try:
+            getattr(out, name).extend(values)
+        except (ValueError, TypeError) as e:
+            raise _unsendable(name, e) from None
     for name in _OPTIONAL_SAMPLING:
         value = getattr(s, name)
         if value is not None:
-            setattr(out, name, value)
+            try:
+                setattr(out, name, value)
+            except (ValueError, TypeError) as e:
+                raise _unsendable(name, e) from None
     return out
+
+
+_WIRE_TYPE_NAMES = {
+    FieldDescriptor.TYPE_UINT32: "an integer in [0, 2^32)",
+    FieldDescriptor.TYPE_INT32: "a 32-bit integer",
+    FieldDescriptor.TYPE_INT64: "a 64-bit integer",
+    FieldDescriptor.TYPE_FLOAT: "a number",
+    FieldDescriptor.TYPE_STRING: "a string",
+}
+
+
+def _unsendable(name: str, e: Exception) -> InvalidArgument:
+    kind = _WIRE_TYPE_NAMES.get(gen_pb.SamplingParams.DESCRIPTOR.fields_by_name[name].type, "")
+    what = f"{name} must be {kind}" if kind else f"{name} is out of range"
+    return InvalidArgument(f"{what} ({e})", field=f"sampling.{name}")
 
 
 # ---------------------------------------------------------------------------------- outputs
