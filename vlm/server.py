@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from vlm import __version__
 from vlm.common.v1 import generation_pb2
+from vlm.convert import request_deserializer
 from vlm.errors import DETAIL_KEY, REASON_KEY, MissingFeatures, UpstreamError, VlmError
 from vlm.security import BearerAuthInterceptor, ServerSecurity
 
@@ -281,16 +282,19 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return handler
         md = dict(handler_call_details.invocation_metadata or ())
         request_id = md.get("x-request-id", "-")
+        # Undecodable bytes (invalid UTF-8, a corrupt wire form) become an InvalidArgument that
+        # names the field, raised in the handler below, instead of grpc's bare UNKNOWN.
+        deserializer = request_deserializer(handler.request_deserializer, method)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, method, request_id),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(handler.unary_stream, method, request_id),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -321,6 +325,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             code = grpc.StatusCode.OK
             self._enter()
             try:
+                if isinstance(request, VlmError):
+                    raise request
                 return await behavior(request, context)
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
@@ -344,6 +350,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             code = grpc.StatusCode.OK
             self._enter()
             try:
+                if isinstance(request, VlmError):
+                    raise request
                 async for response in behavior(request, context):
                     yield response
             except (asyncio.CancelledError, GeneratorExit):

@@ -84,9 +84,6 @@ VIDEO_TOKEN = SPECS["llava_onevision"].video_token
 #: interceptor) runs. `vlm.convert.request_deserializer` turns such bytes into an
 #: InvalidArgument naming the field; `vlm.server.ErrorMappingInterceptor` has to wrap the
 #: handlers' deserializers with it and raise what comes back.
-DESERIALIZER_GAP = ("undecodable request bytes are UNKNOWN until ErrorMappingInterceptor wraps "
-                    "request deserializers with vlm.convert.request_deserializer")
-
 
 # ---------------------------------------------------------------------------------------------
 # Media samples
@@ -444,10 +441,9 @@ CASES: list[Case] = [
       INVALID, "prompt.text", "PROMPT_TOO_LONG"),
     C("token_ids_too_long", "gw.Preprocess", lambda c: preprocess_req(token_ids=[5] * c.info.max_model_len),
       INVALID, "prompt.token_ids", "PROMPT_TOO_LONG"),
-    C("prompt_text_invalid_utf8", "gw.Preprocess", lambda c: _invalid_utf8_text(), INVALID, "prompt.text",
-      xfail=DESERIALIZER_GAP),
+    C("prompt_text_invalid_utf8", "gw.Preprocess", lambda c: _invalid_utf8_text(), INVALID, "prompt.text"),
     C("generate_text_invalid_utf8", "gw.Generate", lambda c: _invalid_utf8_text("input"), INVALID,
-      "input.prompt.text", xfail=DESERIALIZER_GAP),
+      "input.prompt.text"),
     # -- chat (gateway Preprocess) ------------------------------------------------------------
     C("chat_role_wizard", "gw.Preprocess", lambda c: chat(text_part("Hi"), role="wizard"), INVALID,
       "prompt.messages[0].role"),
@@ -468,7 +464,7 @@ CASES: list[Case] = [
       lambda c: pre_pb.PreprocessRequest(prompt=chat(text_part("Hi")).prompt, media=[media_pb(png(3))]), INVALID,
       "media"),
     C("chat_text_invalid_utf8", "gw.Preprocess", lambda c: _invalid_utf8_chat_text(), INVALID,
-      "prompt.messages.messages[0].content[0].text", xfail=DESERIALIZER_GAP),
+      "prompt.messages.messages[0].content[0].text"),
     # -- sampling (gateway Generate: refused by the model service, relayed with its field) ----
     C("temperature_negative", "gw.Generate", lambda c: generate_req(gen_pb.SamplingParams(temperature=-0.5)),
       INVALID, "sampling.temperature"),
@@ -598,8 +594,7 @@ CASES: list[Case] = [
       "prompt.items[0].hash"),
     C("hash_missing", "model.Generate", lambda c: mutate(c.one, lambda p: _set(p.items[0], hash="")), INVALID,
       "prompt.items[0].hash"),
-    C("hash_invalid_utf8", "model.Generate", _invalid_utf8_hash, INVALID, "prompt.items[0].hash",
-      xfail=DESERIALIZER_GAP),
+    C("hash_invalid_utf8", "model.Generate", _invalid_utf8_hash, INVALID, "prompt.items[0].hash"),
     # -- the OpenAI HTTP front door (same gateway) --------------------------------------------
     C("http_remote_image_url", "http.chat", lambda c: _chat_http(_image_part("http://example.com/cat.png")), 400,
       "messages[0].content[0].image_url.url", "INVALID_ARGUMENT"),

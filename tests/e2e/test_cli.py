@@ -14,6 +14,7 @@ import time
 import pytest
 
 from tests.e2e.conftest import png
+from vlm.errors import UpstreamError
 from vlm.testing.tiny_models import SPECS
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session")]
@@ -86,12 +87,16 @@ def _free_port() -> int:
 async def _wait_serving(proc: subprocess.Popen, target: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     status = ""
+    from vlm.client import check_health
+
     while time.monotonic() < deadline and proc.poll() is None:
-        res = await _run("health", "--target", target, timeout=30)
-        status = res.stdout.strip()
+        try:
+            status = await check_health(target, timeout=5)
+        except UpstreamError as e:
+            status = e.code.name
         if status == "SERVING":
             return
-        await asyncio.sleep(1)
+        await asyncio.sleep(0.5)
     detail = proc.stderr.read()[-3000:] if proc.poll() is not None else status
     raise AssertionError(f"{target} not SERVING: {detail}")
 
@@ -114,7 +119,7 @@ async def test_serve_commands_as_processes_end_to_end_and_sigterm(llava_pipeline
         # bfloat16) and the max length come from the model service's handshake.
         [*VLM, "serve-preprocessor", "--model", model_dir, "--port", str(pre_port),
          "--metrics-port", "-1", "--workers", "1",
-         "--model-target", f"127.0.0.1:{model_port}", "--grace", "2"],
+         "--model-target", f"127.0.0.1:{model_port}", "--grace", "20"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -137,10 +142,30 @@ async def test_serve_commands_as_processes_end_to_end_and_sigterm(llava_pipeline
 
         async with PreprocessorClient(f"127.0.0.1:{pre_port}") as p, ModelClient(f"127.0.0.1:{model_port}") as m:
             assert await p.model_info() == await m.model_info()
-        for proc in (pre, model):
-            proc.send_signal(signal.SIGTERM)
-        for proc in (pre, model):
-            assert await asyncio.to_thread(proc.wait, 90) == 0
+            # SIGTERM on the gateway mid-stream: NOT_SERVING and new requests refused at once,
+            # the stream in flight completes, then the process exits 0.
+            from vlm import types
+
+            prompt = types.PromptInput(text="Tell me a long story.")
+            stream = p.generate(prompt, types.Sampling(temperature=0.0, max_tokens=200, ignore_eos=True))
+            first = await anext(stream)
+            pre.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            while True:  # the signal is handled within a moment; from then on, refused
+                try:
+                    await p.model_info()
+                except UpstreamError as err:
+                    assert err.code.name == "UNAVAILABLE"
+                    break
+                assert time.monotonic() - signalled < 1.0, "still accepting requests after SIGTERM"
+                await asyncio.sleep(0.05)
+            rest = [c async for c in stream]
+            assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) == 200
+            ended = time.monotonic()
+            assert await asyncio.to_thread(pre.wait, 30) == 0
+            assert time.monotonic() - ended < 2.5
+        model.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(model.wait, 90) == 0
     finally:
         for proc in (pre, model):
             if proc.poll() is None:

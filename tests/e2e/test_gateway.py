@@ -10,6 +10,7 @@ restarted as another model (bfloat16 features), which the gateway refuses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -74,6 +75,7 @@ class ModelProcess:
              "--dtype", dtype,
              "--seed", "0", "--kv-cache-memory-bytes", str(128 << 20), "--grace", "10"],
             stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # a kill takes the engine core with it, as a container's would
         )
 
     async def wait_serving(self, timeout: float = 300) -> None:
@@ -89,9 +91,17 @@ class ModelProcess:
         raise AssertionError(f"{self.target} not SERVING: {self.log_tail()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM: the service's own graceful stop; SIGKILL: the whole process group."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            if sig == signal.SIGKILL:
+                self.kill()
+            else:
+                self.proc.send_signal(sig)
             self.proc.wait(60)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     def log_tail(self) -> str:
         return (self.log_dir / f"model-{self.starts}.log").read_text(errors="replace")[-3000:]
@@ -104,6 +114,7 @@ async def r2(llava_pipeline, tmp_path_factory):
     await proc.wait_serving()
     yield proc
     proc.stop(signal.SIGKILL)
+    proc.kill()  # whatever is left of the group (an engine core whose service already exited)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -258,7 +269,7 @@ async def test_replica_killed_mid_stream_fails_fast_then_the_other_serves(gatewa
     async with PreprocessorClient(_target(gateway)) as client:
         stream = client.generate(_chat(image), LONG)
         await anext(stream)
-        os.kill(r2.proc.pid, signal.SIGKILL)
+        r2.kill()
         killed = time.monotonic()
         with pytest.raises(UpstreamError) as err:
             async for _ in stream:
