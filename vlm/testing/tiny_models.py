@@ -9,6 +9,8 @@ Usage::
     from vlm.testing.tiny_models import SPECS, build_tiny_model
     model_dir = build_tiny_model("llava", tmp_dir)
 
+or from a shell: ``python -m vlm.testing.tiny_models llava DIR``.
+
 Weights are re-drawn with a large std (``_INIT_STD``) so greedy outputs depend on the image.
 A build is deterministic for a given seed (about 0.2-0.5 s, 1-2.5 MB, float32).
 ``build_tiny_model`` writes into a private temporary directory next to ``out_dir`` and renames
@@ -929,3 +931,21 @@ def warm_vllm_model_info_cache(model_dir: str | os.PathLike) -> bool:
     except Exception:  # noqa: BLE001 - purely an optimisation
         return False
 
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vlm.testing.tiny_models ARCH OUT_DIR``: build one checkpoint offline and
+    print its directory (a complete build already there is reused). The compose file's ``init``
+    service runs this to give ``up`` a model with no network."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m vlm.testing.tiny_models", description=main.__doc__)
+    parser.add_argument("arch", choices=sorted(_BUILDERS))
+    parser.add_argument("out_dir", type=pathlib.Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(build_tiny_model(args.arch, args.out_dir, seed=args.seed), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
