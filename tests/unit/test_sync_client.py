@@ -79,6 +79,15 @@ def _interrupt_main_thread_soon() -> None:
     threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
 
 
+@pytest.fixture(autouse=True)
+def _default_sigint():
+    """Ctrl-C as a terminal delivers it: whatever an earlier test in the session installed
+    (vLLM, a server's shutdown handler) must not turn the test's SIGINT into a hang."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_while_waiting_for_a_chunk_cancels_the_producer(loop: LoopThread) -> None:
     cleaned = threading.Event()
     items = loop.iterate(_forever(1, cleaned))
