@@ -286,6 +286,21 @@ async def test_replica_killed_mid_stream_fails_fast_then_the_other_serves(gatewa
     assert await check_health(_target(gateway)) == "SERVING"
     assert await check_health(_target(gateway), REPLICA_HEALTH_PREFIX + replica.address) == "NOT_SERVING"
 
+    # A replica the gateway still believes serving (its watch has not noticed yet) fails before
+    # the first token: the request is retried once on the runner-up, and the replica is marked down.
+    from vlm import convert
+    from vlm.model.v1 import model_pb2
+
+    prompt = (await gateway.gateway.preprocess(_chat(image))).prompt
+    failovers, before = replica.counters.failovers, others[0].counters.requests
+    replica._set(ReplicaState.SERVING, "stale: the health watch has not noticed yet")
+    relay = gateway.gateway.relay(prompt, convert.sampling_to_pb(GREEDY), request_id="failover-1")
+    raws = [raw async for raw in relay]  # routed at once, to the stale replica first
+    tokens = [t for raw in raws for t in model_pb2.GenerateResponse.FromString(raw).chunk.token_ids]
+    assert len(tokens) == GREEDY.max_tokens
+    assert replica.counters.failovers == failovers + 1 and not replica.serving
+    assert others[0].counters.requests == before + 1
+
 
 async def test_sigterm_drains_the_in_flight_stream_and_stops_within_2s(gateway, r2) -> None:
     """SIGTERM on a model replica mid-stream: health NOT_SERVING at once, new requests
