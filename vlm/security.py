@@ -166,15 +166,22 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         why = "missing" if "authorization" not in md else "invalid"
-        return _rejecting(handler, f"{why} bearer token (send 'authorization: Bearer <token>')")
+        return rejecting(
+            handler, grpc.StatusCode.UNAUTHENTICATED,
+            f"{why} bearer token (send 'authorization: Bearer <token>')",
+        )
 
 
-def _rejecting(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+def rejecting(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that only aborts with `code`."""
+
     async def abort(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
 
     async def abort_stream(request: Any, context: grpc.aio.ServicerContext):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
         yield  # pragma: no cover - abort raises
 
     kw = dict(

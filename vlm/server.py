@@ -31,7 +31,7 @@ from vlm import __version__
 from vlm.common.v1 import generation_pb2
 from vlm.convert import request_deserializer
 from vlm.errors import DETAIL_KEY, REASON_KEY, MissingFeatures, UpstreamError, VlmError
-from vlm.security import BearerAuthInterceptor, ServerSecurity
+from vlm.security import BearerAuthInterceptor, ServerSecurity, rejecting
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +255,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         self._metrics = metrics
         #: Application RPCs (not health or reflection) being handled, for graceful shutdown.
         self.in_flight = 0
+        #: Set when shutdown begins: new application RPCs are refused with UNAVAILABLE.
+        self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -280,6 +282,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(("/grpc.health", "/grpc.reflection")):
             return handler
+        if self.draining:
+            return rejecting(handler, grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         md = dict(handler_call_details.invocation_metadata or ())
         request_id = md.get("x-request-id", "-")
         # Undecodable bytes (invalid UTF-8, a corrupt wire form) become an InvalidArgument that
@@ -463,17 +467,17 @@ class GrpcApp:
             self._metrics_server = None
 
     async def _stop_grpc(self, grace: float) -> None:
-        """Refuse new RPCs, let the application RPCs in flight finish (up to `grace` seconds),
-        then end the rest: health `Watch` streams never end by themselves and must not hold
-        the stop for the whole grace period."""
-        stopping = asyncio.ensure_future(self.server.stop(grace))
-        try:
-            await asyncio.wait_for(self._errors.drained(), timeout=grace)
-        except asyncio.TimeoutError:
-            log.warning("%s: %d request(s) still running after the %.1fs grace period; cancelling",
-                        self.name, self._errors.in_flight, grace)
+        """Refuse new application RPCs (UNAVAILABLE), let those in flight finish (up to
+        `grace` seconds), then stop the server once: health `Watch` streams never end by
+        themselves and must not hold the stop for the whole grace period."""
+        self._errors.draining = True
+        if grace > 0 and self._errors.in_flight:
+            try:
+                await asyncio.wait_for(self._errors.drained(), timeout=grace)
+            except asyncio.TimeoutError:
+                log.warning("%s: %d request(s) still running after the %.1fs grace period; "
+                            "cancelling", self.name, self._errors.in_flight, grace)
         await self.server.stop(0)
-        await stopping
 
     async def serve_until_signal(self) -> None:
         """Block until SIGTERM/SIGINT (or `request_stop()`), then shut down gracefully."""
