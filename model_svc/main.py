@@ -21,9 +21,8 @@ def build_parser():
 
     parser = add_engine_cli_args()
     parser.prog = "vlm serve-model"
-    # Requests carry feature tensors: 64 MiB × 256 RPCs ≈ 16 GiB at worst, on a GPU host.
-    add_server_args(parser, port=50052, metrics_port=9102, max_message_bytes=64 << 20,
-                    max_concurrent_rpcs=256)
+    # Requests carry feature tensors (with --max-concurrent-rpcs 256: ≈ 16 GiB at worst).
+    add_server_args(parser, port=50052, metrics_port=9102, max_message_bytes=64 << 20)
     return parser
 
 

@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     hop.add_argument("--model-auth-token-file", default=None,
                      help="file holding the replicas' bearer token [VLM_MODEL_AUTH_TOKEN holds the token]")
     # Requests carry encoded media (--max-image-bytes, --max-video-bytes fit in one message);
-    # Generate streams hold theirs until done: 32 MiB × 256 RPCs ≈ 8 GiB at worst.
-    add_server_args(p, port=50051, metrics_port=9101, max_message_bytes=32 << 20, max_concurrent_rpcs=256)
+    # Generate streams hold theirs until done (with --max-concurrent-rpcs 256: ≈ 8 GiB at worst).
+    add_server_args(p, port=50051, metrics_port=9101, max_message_bytes=32 << 20)
     return p
 
 

@@ -91,7 +91,9 @@ class ServerOptions:
     #: requests can pin: about max_concurrent_rpcs × max_message_bytes at worst.
     max_message_bytes: int = 64 * 1024 * 1024
     #: RPCs handled at once (health watches included); more get RESOURCE_EXHAUSTED at once.
-    max_concurrent_rpcs: int | None = 256
+    #: Off by default: grpc.aio's limiter is suspected of miscounting cancelled RPCs (a
+    #: long-running test session saw unexplained refusals); see README.
+    max_concurrent_rpcs: int | None = None
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
     #: HTTP/2 streams per client connection.
@@ -136,7 +138,7 @@ def add_server_args(
     port: int,
     metrics_port: int,
     max_message_bytes: int = ServerOptions.max_message_bytes,
-    max_concurrent_rpcs: int = 256,
+    max_concurrent_rpcs: int = 0,
 ) -> None:
     """The gRPC server flags both `vlm serve-*` commands take (see `ServerOptions.from_args`)."""
     group = parser.add_argument_group("gRPC server")
@@ -147,8 +149,8 @@ def add_server_args(
     group.add_argument("--max-message-bytes", type=int, default=max_message_bytes,
                        help="largest message (default %(default)s)")
     group.add_argument("--max-concurrent-rpcs", type=int, default=max_concurrent_rpcs,
-                       help="RPCs at once, beyond which RESOURCE_EXHAUSTED (0: unbounded); peak "
-                            "request memory is about this × --max-message-bytes (default %(default)s)")
+                       help="RPCs at once, beyond which RESOURCE_EXHAUSTED (0: unbounded, the "
+                            "default); peak request memory is about this × --max-message-bytes")
     group.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds")
     sec = parser.add_argument_group("security (each flag also reads an environment variable)")
     sec.add_argument("--tls-cert", default=None, help="PEM server certificate [VLM_TLS_CERT]")
