@@ -379,6 +379,11 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 # ------------------------------------------------------------------------------------ the app
 
 
+#: After the last application handler returns at shutdown: time for its final messages to
+#: leave before the server (and the health watches) are cut.
+_FLUSH_S = 0.1
+
+
 class GrpcApp:
     """One gRPC server with health, reflection, error mapping and a metrics endpoint.
 
@@ -473,13 +478,16 @@ class GrpcApp:
         `grace` seconds), then stop the server once: health `Watch` streams never end by
         themselves and must not hold the stop for the whole grace period."""
         self._errors.draining = True
+        flush = 0.0
         if grace > 0 and self._errors.in_flight:
             try:
                 await asyncio.wait_for(self._errors.drained(), timeout=grace)
+                # The handlers are done; their last messages may still be on their way out.
+                flush = min(_FLUSH_S, grace)
             except asyncio.TimeoutError:
                 log.warning("%s: %d request(s) still running after the %.1fs grace period; "
                             "cancelling", self.name, self._errors.in_flight, grace)
-        await self.server.stop(0)
+        await self.server.stop(flush)
 
     async def serve_until_signal(self) -> None:
         """Block until SIGTERM/SIGINT (or `request_stop()`), then shut down gracefully."""
