@@ -58,6 +58,18 @@ def png(seed: int, size: tuple[int, int] = (48, 40)) -> bytes:
     return buf.getvalue()
 
 
+def engine_finished_requests(pipeline: Pipeline) -> float:
+    """Requests the model service's engine finished, any reason (a refused request adds none;
+    a cancelled stream counts as ABORT)."""
+    return sum(
+        s.value
+        for metric in pipeline.model.grpc.metrics.registry.collect()
+        if metric.name == "vlm_request_success"
+        for s in metric.samples
+        if s.name == "vlm_request_success_total"
+    )
+
+
 async def start_pipeline(arch: str, root: Path, **engine_overrides) -> Pipeline:
     from vllm.engine.arg_utils import AsyncEngineArgs
 

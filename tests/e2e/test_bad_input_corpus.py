@@ -46,7 +46,7 @@ from preprocessor_svc.app import PreprocessorApp
 from preprocessor_svc.media import MediaLimits
 from preprocessor_svc.pool import PoolConfig
 from preprocessor_svc.processing import ProcessorConfig
-from tests.e2e.conftest import png
+from tests.e2e.conftest import engine_finished_requests, png
 from tests.service.model_core.hf_reference import hf_greedy
 from vlm import convert, types
 from vlm.client import ModelClient, PreprocessorClient, upstream_error
@@ -684,17 +684,6 @@ class Targets:
         return f"http://127.0.0.1:{self.gw.http.port}"
 
 
-def _engine_requests(pipeline) -> float:
-    """Requests the model service's engine finished (any reason): a refused request adds none."""
-    registry = pipeline.model.grpc.metrics.registry
-    return sum(
-        s.value
-        for metric in registry.collect()
-        if metric.name == "vlm_request_success"
-        for s in metric.samples
-        if s.name == "vlm_request_success_total"
-    )
-
 
 async def build_ctx(pre: PreprocessorClient, model_max_message: int) -> Ctx:
     def one_image(seed: int) -> types.PromptInput:
@@ -746,7 +735,7 @@ async def targets(llava_pipeline, e2e_models_root):
 
 @pytest.fixture(scope="module")
 def engine_requests_before(targets) -> float:
-    return _engine_requests(targets.pipeline)
+    return engine_finished_requests(targets.pipeline)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -839,7 +828,7 @@ async def test_after_the_corpus_every_service_serves_and_answers_exactly(targets
     assert gw_metrics.get_sample_value("vlm_preprocess_worker_restarts_total") == 0
     assert gw_metrics.get_sample_value("vlm_preprocess_workers_ready") == 1
     # Not one corpus request reached the engine.
-    assert _engine_requests(t.pipeline) == engine_requests_before
+    assert engine_finished_requests(t.pipeline) == engine_requests_before
 
     greedy = types.Sampling(temperature=0.0, max_tokens=8, ignore_eos=True)
     prompt_in = types.PromptInput(text=f"{IMAGE_TOKEN}\nWhat is in the picture?", media=(types.Media(IMAGE, png(45)),))

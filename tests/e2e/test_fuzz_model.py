@@ -33,7 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.e2e.conftest import png
+from tests.e2e.conftest import engine_finished_requests, png
 from tests.service.model_core.hf_reference import hf_greedy
 from vlm import codec, convert, types
 from vlm.client import PreprocessorClient, upstream_error
@@ -438,17 +438,6 @@ async def _idle(pipeline) -> None:
     raise AssertionError(f"the engine is still busy: {load}")
 
 
-def _engine_requests(pipeline) -> float:
-    """Requests the engine finished, any reason (a cancelled stream counts as ABORT)."""
-    registry = pipeline.model.grpc.metrics.registry
-    return sum(
-        s.value
-        for metric in registry.collect()
-        if metric.name == "vlm_request_success"
-        for s in metric.samples
-        if s.name == "vlm_request_success_total"
-    )
-
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def fuzz(llava_pipeline):
@@ -476,7 +465,7 @@ async def fuzz(llava_pipeline):
             assert (await f.send(req.SerializeToString()))[0] == "accepted"
             facts.stored |= {(it.modality, it.hash) for it in base.items}
         await _idle(llava_pipeline)
-        f.engine_requests_before = _engine_requests(llava_pipeline)
+        f.engine_requests_before = engine_finished_requests(llava_pipeline)
         yield f
 
 
@@ -534,7 +523,7 @@ async def test_after_the_fuzz_the_service_serves_exactly(fuzz, llava_pipeline) -
     await _idle(llava_pipeline)
     # Exactly the accepted mutations reached the engine (the count lands as each stream closes).
     for _ in range(50):
-        reached = _engine_requests(llava_pipeline) - fuzz.engine_requests_before
+        reached = engine_finished_requests(llava_pipeline) - fuzz.engine_requests_before
         if reached >= fuzz.accepted:
             break
         await asyncio.sleep(0.1)
