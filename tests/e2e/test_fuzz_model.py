@@ -206,7 +206,10 @@ def m_length(data, p, s, ctx):
 def m_is_embed(data, p, s, ctx):
     if (item := _item(data, p)) is not None:
         n = data.draw(st.sampled_from([0, item.placeholder.length, item.placeholder.length + 1, 3]))
-        _set_list(item.placeholder.is_embed, data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+        n = min(n, 1 << 16)  # the length may be any uint32; the mask stays a sane message
+        # Hypothesis cannot draw lists this long element by element: repeat a drawn pattern.
+        pattern = data.draw(st.lists(st.booleans(), min_size=1, max_size=8))
+        _set_list(item.placeholder.is_embed, (pattern * (n // len(pattern) + 1))[:n])
 
 
 def m_modality(data, p, s, ctx):
