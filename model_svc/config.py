@@ -32,6 +32,10 @@ class Limits:
     #: Embedding positions one item may have: the engine's encoder-cache budget (set by the
     #: engine at start-up; None: unchecked).
     max_embeds_per_item: int | None = None
+    #: Media size a stand-in may be built for, in pixels x frames (the reference layout check:
+    #: a size the fields claim beyond this is refused). The preprocessor's own image limit is
+    #: 40 MP and its frame limit 8.3 MP.
+    max_reference_pixels: int = 40_000_000
 
 
 @dataclass

@@ -13,7 +13,9 @@ encoder and the merge of its embeddings at the `is_embed` positions, M-RoPE (Qwe
 caching and the encoder cache (both keyed by the items' content hashes). The facade adds:
 
 * validation before the engine (`validation.PromptValidator`; vLLM itself checks none of the
-  multimodal consistency and completes wrong requests silently);
+  multimodal consistency and completes wrong requests silently), with reference layouts from
+  the engine's own processor (`vlm.vllm_layout.ReferenceCache`); validation and the feature
+  store run on one "vlm-prepare" thread, off the event loop;
 * hash-only items resolved from the feature store (`feature_store.FeatureStore`);
 * the domain ⇄ vLLM conversions (`engine_input.PromptToEngineInput`, `SamplingToParams`,
   `output.OutputToChunk`); the HF processor never runs per request;
@@ -51,6 +53,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +68,7 @@ from .engine_input import PromptToEngineInput, SamplingToParams
 from .feature_store import FeatureStore
 from .output import OutputToChunk
 from .stats import MetricsHook, NullMetrics, RequestTimer, SchedulerView, stat_logger_factory
-from .validation import PromptValidator
+from .validation import PromptValidator, References
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +96,18 @@ class Engine:
         sampling_defaults: Mapping[str, Any] | None = None,
         metrics: MetricsHook | None = None,
         scheduler_view: SchedulerView | None = None,
+        references: References | None = None,
     ) -> None:
         self._llm = llm
         self._vllm_config = getattr(llm, "vllm_config", None)
         self._profile = profile
         self._info = profile.model_info()
         self._store = feature_store
-        self._validator = PromptValidator(profile, limits)
+        self._validator = PromptValidator(profile, limits, references=references)
+        # Validation (digests over the feature bytes, reference layouts on a never-seen size)
+        # and the feature store run on this one thread, never on the event loop; one thread
+        # keeps the store and vLLM's processor single-threaded.
+        self._prepare_pool = ThreadPoolExecutor(1, thread_name_prefix="vlm-prepare")
         self._to_input = PromptToEngineInput()
         self._to_params = SamplingToParams(sampling_defaults, max_model_len=profile.max_model_len)
         self._metrics = metrics or NullMetrics()
@@ -135,6 +143,7 @@ class Engine:
 
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from vlm.vllm_layout import ReferenceCache
         from vlm.vllm_profile import build_profile
 
         timings: dict[str, float] = {}
@@ -157,8 +166,11 @@ class Engine:
             encoder_budget = getattr(llm.input_processor, "mm_encoder_cache_size", 0) or None
             if limits.max_embeds_per_item is None and encoder_budget:
                 limits = dataclasses.replace(limits, max_embeds_per_item=int(encoder_budget))
+            processor = getattr(renderer, "mm_processor", None)
             engine = cls(
                 llm,
+                references=None if processor is None else ReferenceCache(
+                    processor, llm.vllm_config.model_config.max_model_len),
                 profile=profile,
                 feature_store=FeatureStore(fs_bytes),
                 limits=limits,
@@ -283,7 +295,9 @@ class Engine:
         cached = 0
         error: str | None = None
         try:
-            engine_input, params = self._prepare(prompt, sampling)
+            engine_input, params = await asyncio.get_running_loop().run_in_executor(
+                self._prepare_pool, self._prepare, prompt, sampling
+            )
             if state.aborted:  # aborted while being validated
                 finish = FinishReason.ABORT
                 yield Chunk(request_id, finish_reason=FinishReason.ABORT,
@@ -388,6 +402,7 @@ class Engine:
         # Drop vLLM's client now: its __del__ would otherwise shut down again at interpreter
         # exit, when the modules it needs are gone.
         del llm
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _ClosedLLM:

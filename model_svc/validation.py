@@ -26,11 +26,16 @@ What is checked (`PromptValidator`):
   layout (batched / flat + flat_dim / shared), keep_on_cpu, dtype, rank and non-empty shape;
   dimensions that are the same for every input size are enforced exactly (e.g. LLaVA's
   3x336x336 pixels, Qwen2-VL's 1176-wide patch rows).
-* embedding count vs. `is_embed` — enforced where it can be derived cheaply without running
-  the model: (a) models whose features have a fixed shape have a fixed embed count per item
-  (LLaVA); (b) `*_grid_thw` fields (Qwen2-VL family): embeds = prod(grid) / merge², and flat
-  patch rows = prod(grid) x k. GAP: for other variable-size models (e.g. LLaVA-OneVision anyres,
-  Pixtral, Idefics3) the count is not checked; the fixed dims, dtypes and layouts still are.
+* features vs. placeholder (`ModalityProfile.layout_check`), so that no item's features land in
+  another item's range shape: (a) "reference" — where the fields give the media's size
+  (LLaVA, LLaVA-OneVision image and video, Mistral 3, Gemma 3), vLLM's own processor run on a
+  blank stand-in of that size (`vlm.vllm_layout`, memoised per size) gives every field's shape,
+  the small integer fields and the exact placeholder (length and is_embed), and the item must
+  match all of them; (b) "grid" — `*_grid_thw` fields (Qwen2-VL family): embeds = prod(grid) /
+  merge², and flat patch rows = prod(grid) x k; (c) "per_row" — where only a tile count is left
+  (Idefics3): embeds = k x tiles; (d) "fixed" embed counts. Count fields equal the rows they
+  count (`num_patches`). Which one a model gets is chosen at start-up by reproducing the probes;
+  "none" is logged as an error and exported (`vlm_model_profile_layout_checks`).
 * sampling — vLLM's own `SamplingParams` checks (in `engine_input.SamplingToParams`, translated
   by `vlm.vllm_errors`), plus at most vLLM's `VLLM_MAX_STOP_STRINGS` stop strings (the bound
   vLLM's OpenAI server puts on `stop`; `SamplingParams` itself takes any number), stop token IDs
@@ -46,7 +51,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -55,6 +60,10 @@ from vlm.digest import item_digest
 from vlm.errors import InvalidArgument, LimitExceeded, ModelMismatch, PromptTooLong
 from vlm.profile import FieldSpec, ModalityProfile, ModelProfile
 from vlm.types import FieldLayout, Item, ItemField, Modality, Prompt, Sampling
+from vlm.vllm_layout import MediaSize, Reference, SizeError, size_of, small_int_values
+
+#: (modality, size) → what vLLM's processor makes of such media (`vlm.vllm_layout.ReferenceCache`).
+References = Callable[[Modality, MediaSize], Reference]
 
 # ------------------------------------------------------------------------------- prompt checks
 
@@ -65,10 +74,17 @@ def _ph(i: int, what: str = "") -> str:
 
 class PromptValidator:
     def __init__(
-        self, profile: ModelProfile, limits: Limits | None = None, *, max_stop_strings: int | None = None
+        self,
+        profile: ModelProfile,
+        limits: Limits | None = None,
+        *,
+        max_stop_strings: int | None = None,
+        references: References | None = None,
     ) -> None:
         self.profile = spec = profile
         self.limits = limits or Limits()
+        #: None: the "reference" layout check is off (no processor at hand, e.g. unit tests).
+        self._references = references
         #: Stop strings per request (None: vLLM's VLLM_MAX_STOP_STRINGS, as its OpenAI server;
         #: read on the first request with stop strings, so that building a validator does not
         #: import vLLM).
@@ -297,6 +313,29 @@ class PromptValidator:
         ph = item.placeholder
         embeds = ph.embed_count()
         where = _ph(i, "is_embed" if ph.is_embed is not None else "length")
+        for cname, rname in mspec.row_counts:
+            cf, rf = item.fields.get(cname), item.fields.get(rname)
+            if cf is None or rf is None or rf.data.dim() < 1:
+                continue
+            if cf.data.numel() != 1 or int(cf.data.reshape(-1)[0]) != rf.data.shape[0]:
+                raise InvalidArgument(
+                    f"{cname} says {cf.data.reshape(-1).tolist()} but {rname} has "
+                    f"{rf.data.shape[0]} rows",
+                    field=f"prompt.items[{i}].fields.{cname}.tensor",
+                )
+        if (mspec.size_source is not None and self._references is not None
+                and self.limits.check_fixed_shapes):
+            self._check_reference(i, item, mspec)
+        if mspec.embeds_per_row is not None and mspec.embeds_per_row[0] in item.fields:
+            name, k = mspec.embeds_per_row
+            data = item.fields[name].data
+            rows = data.shape[0] if data.dim() else 0
+            if embeds != k * rows:
+                raise InvalidArgument(
+                    f"{name} has {rows} rows, which take {k * rows} embedding positions; the "
+                    f"item has {embeds}",
+                    field=where,
+                )
         if mspec.fixed_embed_count is not None and self.limits.check_fixed_shapes:
             if embeds != mspec.fixed_embed_count:
                 raise InvalidArgument(
@@ -330,6 +369,55 @@ class PromptValidator:
                         f"{cells * fs.rows_per_grid}",
                         field=f"prompt.items[{i}].fields.{name}.tensor.shape",
                     )
+
+    def _check_reference(self, i: int, item: Item, mspec: ModalityProfile) -> None:
+        """The item against vLLM's processor run on a stand-in of the size its fields give."""
+        assert item.fields is not None and mspec.size_source is not None and self._references
+        fpath = f"prompt.items[{i}].fields"
+        try:
+            size = size_of(item.modality, mspec.size_source, item.fields)
+        except SizeError as e:
+            raise InvalidArgument(str(e), field=f"{fpath}.{e.field}.tensor") from None
+        spath = f"{fpath}.{mspec.size_source.field}.tensor"
+        if min(size.width, size.height, size.frames) < 1:
+            raise InvalidArgument(f"media size {size.width}x{size.height} must be positive", field=spath)
+        if size.width * size.height * size.frames > self.limits.max_reference_pixels:
+            raise LimitExceeded(
+                f"media of {size.width}x{size.height} pixels x {size.frames} frame(s) is over this "
+                f"service's {self.limits.max_reference_pixels} pixels", field=spath,
+            )
+        media = f"{size.width}x{size.height} {item.modality.value}" + (
+            f" of {size.frames} frames" if item.modality is Modality.VIDEO else "")
+        try:
+            ref = self._references(item.modality, size)
+        except Exception as e:  # noqa: BLE001 - vLLM's/HF's errors, translated here once
+            raise InvalidArgument(
+                f"vLLM's processor cannot make a {media}: {type(e).__name__}: {e}", field=spath
+            ) from None
+        for name, shape in ref.shapes.items():
+            got = tuple(item.fields[name].data.shape) if name in item.fields else None
+            if got != shape:
+                raise InvalidArgument(
+                    f"shape {list(got or ())} does not match the {list(shape)} vLLM's processor "
+                    f"gives a {media}", field=f"{fpath}.{name}.tensor.shape",
+                )
+        values = small_int_values(item.fields)
+        for name, expected in ref.values.items():
+            if values.get(name) != expected:
+                raise InvalidArgument(
+                    f"values {list(values.get(name, ()))} do not match the {list(expected)} "
+                    f"vLLM's processor gives a {media}", field=f"{fpath}.{name}.tensor",
+                )
+        ph = item.placeholder
+        mask = ph.is_embed if ph.is_embed is not None else (True,) * ph.length
+        ref_mask = ref.is_embed if ref.is_embed is not None else (True,) * ref.length
+        if ph.length != ref.length or mask != ref_mask:
+            what = "length" if ph.length != ref.length else "is_embed"
+            raise InvalidArgument(
+                f"a {media} takes {ref.length} placeholder positions with "
+                f"{ref.embed_count()} embeddings (vLLM's prompt update); the item has "
+                f"{ph.length} with {ph.embed_count()}", field=_ph(i, what),
+            )
 
     def validate_resolved(self, items: Sequence[Item]) -> None:
         """After hash-only items got their fields from the store: check those too."""

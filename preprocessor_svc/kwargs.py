@@ -5,6 +5,12 @@ A request may carry `processor_options.kwargs` (a protobuf Struct). Only the opt
 (`ProcessorKwargs.for_model`); each value is validated and normalised (`normalize_kwarg`), then
 split into vLLM's `mm_processor_kwargs` (for the HF processor) and `media_io_kwargs["video"]`
 (for vLLM's video loader). Both are part of every affected item's hash (vLLM puts them there).
+
+Only options whose effect the model service can still check are offered: an option that changes
+an item's feature shapes beyond what the model service derives from the fields alone (Gemma 3's
+`do_pan_and_scan`: extra crops that the model service's reference layout, built with the
+deployment's processor settings, does not expect) belongs in the deployment-wide
+`--mm-processor-kwargs` of BOTH services, not in a request.
 """
 
 from __future__ import annotations
@@ -50,7 +56,6 @@ PROCESSOR_KWARGS: Mapping[str, KwargSpec] = {
         int, "processor", 1, maximum_from_limit="max_image_pixels",
         doc="Qwen2-VL family: lower bound on pixels after resizing.",
     ),
-    "do_pan_and_scan": KwargSpec(bool, "processor", doc="Gemma 3: extra crops of large images."),
     "num_frames": KwargSpec(
         int, "video_io", 1, 1024,
         doc="Videos: frames sampled uniformly by vLLM's video loader (default 32). Loaders that "

@@ -25,9 +25,11 @@ worker process (which encodes the result to its wire form there) and exposes the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +38,9 @@ from preprocessor_svc.kwargs import PROCESSOR_KWARGS, ProcessorKwargs
 from preprocessor_svc.media import MediaDecoder, MediaLimits
 from vlm import vllm_errors
 from vlm.errors import Internal, InvalidArgument, LimitExceeded, PromptTooLong, VlmError
-from vlm.types import Media, Modality, Prompt, PromptInput
+from vlm.digest import item_digest
+from vlm.types import Item, Media, Modality, Prompt, PromptInput
+from vlm.vllm_layout import ReferenceCache, size_of
 from vlm.vllm_mm import items_from_engine_input
 
 logger = logging.getLogger(__name__)
@@ -187,6 +191,8 @@ class Processor:
             limits=config.media_limits,
             wanted=config.allowed_processor_kwargs,
         )
+        # What vLLM's processor makes of one item of a given size (`_unpadded`).
+        self._references = ReferenceCache(self.mm_processor, self.max_model_len, capacity=256)
         self.build_seconds = time.perf_counter() - t0
 
     # -- start-up -----------------------------------------------------------------------------
@@ -460,8 +466,44 @@ class Processor:
         for item in items:
             if item.fields is None:
                 raise Internal(f"vLLM returned no features for {item.modality.value} item {item.hash}")
+        items = self._unpadded(items)
         ids = tuple(int(t) for t in engine_input["prompt_token_ids"])
         return Prompt(self.profile.fingerprint, ids, items, prompt_text)
+
+    def _unpadded(self, items: tuple[Item, ...]) -> tuple[Item, ...]:
+        """Each item's features as if processed alone.
+
+        HF processors pad per-item patch stacks to the longest in the batch (LLaVA-OneVision's
+        anyres patches: a 64x24 image next to a 48x40 one carries 5 patches instead of 3; vLLM
+        slices the padding off). Trailing all-zero rows beyond what vLLM's processor gives the
+        item's size alone (`vlm.vllm_layout`) are dropped, so an item's features, and hash, do
+        not depend on its neighbours, and the model service can hold them to the exact
+        reference. Only for modalities with a size source and more than one item.
+        """
+        counts = Counter(it.modality for it in items)
+        if not any(
+            n > 1 and self.profile.modalities[m].size_source is not None for m, n in counts.items()
+        ):
+            return items
+        out = []
+        for item in items:
+            source = self.profile.modalities[item.modality].size_source
+            if counts[item.modality] < 2 or source is None or item.fields is None:
+                out.append(item)
+                continue
+            ref = self._references(item.modality, size_of(item.modality, source, item.fields))
+            fields = dict(item.fields)
+            for name, f in item.fields.items():
+                want, d = ref.shapes.get(name), f.data
+                if (want and d.dim() == len(want) and d.shape[0] > want[0]
+                        and tuple(d.shape[1:]) == want[1:] and not d[want[0]:].any()):
+                    fields[name] = dataclasses.replace(f, data=d[: want[0]])
+            if any(fields[n] is not item.fields[n] for n in fields):
+                item = dataclasses.replace(
+                    item, fields=fields, hash=item_digest(item.modality, fields)
+                )
+            out.append(item)
+        return tuple(out)
 
     # -- stats ---------------------------------------------------------------------------------
 

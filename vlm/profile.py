@@ -33,6 +33,21 @@ class FieldSpec:
 
 
 @dataclass(frozen=True)
+class SizeSource:
+    """Where an item's own fields tell the size of the media they came from.
+
+    `kind` "hw_values": `field` holds (height, width) (LLaVA-OneVision's `image_sizes`);
+    "hw_dims": the last two dims of `field` are (height, width) (Mistral 3's `pixel_values`),
+    and for videos dim 0 counts the frames. Chosen at start-up only if a stand-in media of that
+    size, run through vLLM's processor, reproduces the probes' fields and placeholders exactly
+    (`vlm.vllm_profile`); the model service then checks every item against such a reference.
+    """
+
+    field: str
+    kind: str  # "hw_values" | "hw_dims"
+
+
+@dataclass(frozen=True)
 class ModalityProfile:
     modality: Modality
     #: Token IDs found at the embedding positions of an expanded item (e.g. `<image>`,
@@ -52,6 +67,29 @@ class ModalityProfile:
     #: Grid field ("image_grid_thw") and prod(grid) / embeds (merge_size²), for grid models.
     grid_field: str | None = None
     grid_per_embed: int | None = None
+    #: Exact layout check: every item is compared with vLLM's processor run on a stand-in
+    #: media of the size its fields give (all field shapes, small integer fields, placeholder
+    #: length and is_embed). None where no field gives the size.
+    size_source: SizeSource | None = None
+    #: Count check where the size is not recoverable (Idefics3: the raw size is gone, only the
+    #: tile count is left): (field, k) with embeds == k x rows of the field (dim 0).
+    embeds_per_row: tuple[str, int] | None = None
+    #: (count field, rows field) pairs: the 0-dim integer count field equals the row count of
+    #: the other (Idefics3's and Gemma 3's `num_patches` against `pixel_values`).
+    row_counts: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def layout_check(self) -> str:
+        """How the item/placeholder fit is checked: reference, grid, per_row, fixed or none."""
+        if self.size_source is not None:
+            return "reference"
+        if self.grid_field is not None:
+            return "grid"
+        if self.embeds_per_row is not None:
+            return "per_row"
+        if self.fixed_embed_count is not None:
+            return "fixed"
+        return "none"
 
     def info(self) -> ModalityInfo:
         return ModalityInfo(

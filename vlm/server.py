@@ -207,10 +207,20 @@ class BaseMetrics:
             registry=self.registry,
         )
 
+        self.profile_layout_check = Gauge(
+            f"{METRICS_PREFIX}_model_profile_layout_check",
+            "1 for the check the model service makes of an item's features against its "
+            "placeholder, per modality: reference (vLLM's processor on a stand-in of the "
+            "item's size), grid, per_row, fixed, or none (features are not checked to fit).",
+            ["modality", "check"],
+            registry=self.registry,
+        )
+
     def bind_profile(self, profile: Any) -> None:
         """Export how strong the profile's checks are, per modality (`vlm.profile.ModelProfile`)."""
         for modality, mp in profile.modalities.items():
             self.profile_field_checks.labels(modality.value).set(0.0 if mp.fields is None else 1.0)
+            self.profile_layout_check.labels(modality.value, mp.layout_check).set(1.0)
 
 
 def _library_versions() -> dict[str, str]:

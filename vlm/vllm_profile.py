@@ -28,7 +28,7 @@ from typing import Any
 
 from vlm.codec import dtype_name
 from vlm.fingerprint import compute_fingerprint
-from vlm.profile import FieldSpec, ModalityProfile, ModelProfile
+from vlm.profile import FieldSpec, ModalityProfile, ModelProfile, SizeSource
 from vlm.types import FieldLayout, ItemField, Modality
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,14 @@ def build_profile(
                 modalities[modality] = ModalityProfile(placeholder_token_ids=frozenset(ids), **base)
                 continue
             token_ids = frozenset().union(*(p.embed_token_ids for p in probes))
-            modalities[modality] = ModalityProfile(
-                placeholder_token_ids=token_ids, **base, **_field_facts(modality, probes)
-            )
+            facts = _field_facts(modality, probes)
+            facts.update(_layout_facts(processor, modality, probes, facts, model_config.max_model_len))
+            modalities[modality] = ModalityProfile(placeholder_token_ids=token_ids, **base, **facts)
+            if modalities[modality].layout_check == "none":
+                log.error("%s: no relation between an item's fields and its placeholder was "
+                          "found: the model service cannot check that features fit their "
+                          "placeholders (vlm_model_profile_layout_check{check=\"none\"})",
+                          modality.value)
             dummies[modality] = min(
                 probes, key=lambda p: len(p.engine_input["prompt_token_ids"])
             ).engine_input
@@ -173,6 +178,8 @@ class _Probe:
     embed_count: int
     embed_token_ids: set[int]
     engine_input: Any  # the processor's MultiModalInput
+    length: int = 0
+    is_embed: tuple[bool, ...] | None = None
 
 
 def _dummy_options(modality: Modality, k: int) -> Any:
@@ -228,7 +235,8 @@ def _probe(processor: Any, modality: Modality, k: int, seq_len: int) -> _Probe:
         int(ids[rng.offset + j]) for j in range(rng.length) if is_embed is None or is_embed[j]
     }
     embeds = rng.length if is_embed is None else sum(is_embed)
-    return _Probe(signature, item_fields(kw), embeds, embed_ids, out)
+    return _Probe(signature, item_fields(kw), embeds, embed_ids, out, int(rng.length),
+                  None if is_embed is None else tuple(is_embed))
 
 
 def _field_facts(modality: Modality, probes: list[_Probe]) -> dict[str, Any]:
@@ -297,3 +305,83 @@ def _field_facts(modality: Modality, probes: list[_Probe]) -> dict[str, Any]:
         "grid_field": grid_field,
         "grid_per_embed": grid_per_embed,
     }
+
+
+# ------------------------------------------------------------------------------- layout relations
+
+
+def _layout_facts(
+    processor: Any, modality: Modality, probes: list[_Probe], facts: Mapping[str, Any], seq_len: int
+) -> dict[str, Any]:
+    """How an item's fields fix its placeholder, beyond the grid and fixed-count relations.
+
+    1. `size_source`: a field that gives the media's size, such that vLLM's processor run on a
+       stand-in of that size reproduces each probe exactly (fields, placeholder). Candidates: a
+       2-integer field (height, width), then the last two dims of each field of rank >= 3.
+    2. Otherwise `embeds_per_row`: embeds == k x rows (dim 0) of one field, on every probe, with
+       rows that differ between probes.
+    Plus `row_counts`: 0-dim integer fields equal to another field's row count on every probe.
+    """
+    import torch
+
+    from vlm.vllm_layout import reference, size_of
+
+    first = probes[0].fields
+    out: dict[str, Any] = {}
+    counts = []
+    for cname, cf in sorted(first.items()):
+        if cf.data.dim() != 0 or cf.data.dtype.is_floating_point or cf.data.dtype == torch.bool:
+            continue
+        for rname, rf in sorted(first.items()):
+            if rname != cname and rf.data.dim() >= 1 and all(
+                int(p.fields[cname].data) == p.fields[rname].data.shape[0] for p in probes
+            ):
+                counts.append((cname, rname))
+                break
+    out["row_counts"] = tuple(counts)
+    if facts.get("grid_field") is not None or not facts.get("fields"):
+        return out
+    inputs_differ = len({repr(p.signature) for p in probes}) == len(probes)
+    if not inputs_differ:
+        return out
+
+    candidates: list[SizeSource] = []
+    for name, f in sorted(first.items()):
+        if not f.data.dtype.is_floating_point and f.data.dtype != torch.bool and f.data.numel() == 2:
+            candidates.append(SizeSource(name, "hw_values"))
+    for name, f in sorted(first.items()):
+        if f.data.dim() >= 3:  # pixels (float, or uint8 as Mistral 3's)
+            candidates.append(SizeSource(name, "hw_dims"))
+    for source in candidates:
+        try:
+            ok = all(_reproduces(p, reference(processor, modality, size_of(modality, source, p.fields),
+                                              seq_len)) for p in probes)
+        except Exception:  # noqa: BLE001 - a candidate vLLM cannot run is no source
+            log.debug("%s: %s does not give the size", modality.value, source, exc_info=True)
+            ok = False
+        if ok:
+            out["size_source"] = source
+            return out
+
+    for name, f in sorted(first.items()):
+        if f.data.dim() < 1:
+            continue
+        rows = [p.fields[name].data.shape[0] for p in probes]
+        if len(set(rows)) < 2 or any(r == 0 or p.embed_count % r for r, p in zip(rows, probes)):
+            continue
+        ks = {p.embed_count // r for r, p in zip(rows, probes)}
+        if len(ks) == 1:
+            out["embeds_per_row"] = (name, ks.pop())
+            return out
+    return out
+
+
+def _reproduces(probe: _Probe, ref: Any) -> bool:
+    from vlm.vllm_layout import small_int_values
+
+    return (
+        ref.shapes == {n: tuple(f.data.shape) for n, f in probe.fields.items()}
+        and ref.values == small_int_values(probe.fields)
+        and ref.length == probe.length
+        and ref.is_embed == probe.is_embed
+    )

@@ -32,6 +32,7 @@ Architecture-specific facts the reference encodes (checked, see each adapter):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import os
@@ -50,6 +51,7 @@ from PIL import Image
 from tests.e2e.conftest import Pipeline, png, start_pipeline
 from tests.service.model_core.hf_reference import hf_generate
 from vlm import types
+from vlm.digest import item_digest
 from vlm.errors import UpstreamError
 from vlm.testing.tiny_models import SPECS, build_tiny_model, warm_vllm_model_info_cache
 
@@ -267,6 +269,18 @@ def _prewarm_preprocessor_forkserver() -> None:
         pass
 
 
+#: The features-vs-placeholder check each architecture's probe must find (`layout_check`).
+LAYOUT_CHECKS = {
+    ("llava_onevision", IMAGE): "reference",  # image_sizes
+    ("llava_onevision", VIDEO): "reference",  # frames x frame size of pixel_values_videos
+    ("qwen2_vl", IMAGE): "grid",
+    ("qwen2_vl", VIDEO): "grid",
+    ("mistral3", IMAGE): "reference",  # (height, width) of pixel_values
+    ("gemma3", IMAGE): "reference",
+    ("idefics3", IMAGE): "per_row",  # tiles only: the raw size is gone
+}
+
+
 @pytest_asyncio.fixture(scope="class", loop_scope="session")
 async def pipe(request, e2e_models_root) -> Pipeline:
     arch = request.cls.ARCH
@@ -286,6 +300,11 @@ async def pipe(request, e2e_models_root) -> Pipeline:
             assert mp.fields, f"{arch}/{modality.value}: no field specs (generic checks only)"
             assert mp.placeholder_token_ids, f"{arch}/{modality.value}: no placeholder tokens"
             assert reg.get_sample_value("vlm_model_profile_field_checks", {"modality": modality.value}) == 1.0
+            # How features are checked to fit their placeholders (issue 14 §2), as expected.
+            check = LAYOUT_CHECKS[(arch, modality)]
+            assert mp.layout_check == check, (arch, modality, mp)
+            assert reg.get_sample_value("vlm_model_profile_layout_check",
+                                        {"modality": modality.value, "check": check}) == 1.0
     assert p.model.engine.profile == p.pre.preprocessor.profile
     try:
         yield p
@@ -348,6 +367,33 @@ async def _run_one_image(pipe: Pipeline, text: str, image: bytes) -> types.Promp
     return prompt
 
 
+async def _assert_swap_refused(
+    pipe: Pipeline, text: str, a: types.Media, b: types.Media | None = None, *,
+    b_fields: Callable[[types.Item], dict[str, types.ItemField]] | None = None, field: str,
+) -> UpstreamError:
+    """Issue 14 §2: B's features (re-hashed, so that only their fit can tell) in A's placeholder
+    are refused by the model service with INVALID_ARGUMENT naming `field`; A itself, sent as
+    preprocessed, still generates. B is preprocessed media, or fields made from A's item."""
+    async with pipe.pre_client() as pre, pipe.model_client() as model:
+        pa = await pre.preprocess(types.PromptInput(text=text, media=(a,)))
+        (ia,) = pa.items
+        if b is not None:
+            (ib,) = (await pre.preprocess(types.PromptInput(text=text, media=(b,)))).items
+        else:
+            assert b_fields is not None
+            ib = dataclasses.replace(ia, fields=b_fields(ia))
+        swapped = dataclasses.replace(ia, fields=ib.fields, hash=item_digest(ib.modality, ib.fields))
+        assert swapped.hash != ia.hash
+        with pytest.raises(UpstreamError) as exc:
+            await _collect(model.generate(dataclasses.replace(pa, items=(swapped,)), GREEDY,
+                                          hash_only=False))
+        err = exc.value
+        assert (err.code, err.upstream_field) == (grpc.StatusCode.INVALID_ARGUMENT, field), err
+        ids, last = await _collect(model.generate(pa, GREEDY, hash_only=False))
+        assert len(ids) == N_TOKENS and last.finish_reason is types.FinishReason.LENGTH
+    return err
+
+
 class _KnownVllmRefusal(Exception):
     """The preprocessor refused the prompt exactly as the recorded vLLM bug predicts."""
 
@@ -384,6 +430,23 @@ class TestLlavaOnevision:
         assert image.placeholder.end < video.placeholder.offset
         assert video.fields["pixel_values_videos"].data.shape[0] == 6  # every frame of the clip
 
+    async def test_image_features_of_another_size_are_refused(self, pipe) -> None:
+        # Anyres: 48x40 and 64x24 differ in patch count and placeholder; the layout is checked
+        # against vLLM's processor run on a stand-in of the size `image_sizes` claims.
+        err = await _assert_swap_refused(
+            pipe, f"{self.TOK.image_token}\nDescribe.", _img(16, (48, 40)), _img(17, (64, 24)),
+            field="prompt.items[0].placeholder.length",
+        )
+        assert "64x24 image" in err.message, err.message
+
+    async def test_video_features_of_another_length_are_refused(self, pipe) -> None:
+        short = types.Media(VIDEO, mp4_bytes(18, frames=4, size=48), "video/mp4")
+        err = await _assert_swap_refused(
+            pipe, f"{self.TOK.video_token}\nDescribe.", _video(19), short,
+            field="prompt.items[0].placeholder.length",
+        )
+        assert "of 4 frames" in err.message, err.message
+
 
 class TestQwen2VL:
     ARCH = "qwen2_vl"
@@ -419,6 +482,19 @@ class TestQwen2VL:
         prompt, _ = await _run(pipe, prompt_in, [IMAGE, VIDEO])
         assert prompt.prompt_text is not None and prompt.prompt_text.endswith("ASSISTANT:")
 
+    async def test_image_features_of_another_size_are_refused(self, pipe) -> None:
+        await _assert_swap_refused(
+            pipe, f"{self.TOK.image_token}Describe.", _img(26, (48, 40)), _img(27, (200, 150)),
+            field="prompt.items[0].placeholder.length",
+        )
+
+    async def test_video_features_of_another_size_are_refused(self, pipe) -> None:
+        longer = types.Media(VIDEO, mp4_bytes(28, frames=16, size=48), "video/mp4")
+        await _assert_swap_refused(
+            pipe, f"{self.TOK.video_token}Describe.", _video(29), longer,
+            field="prompt.items[0].placeholder.length",
+        )
+
 
 class TestMistral3:
     ARCH = "mistral3"
@@ -440,6 +516,23 @@ class TestMistral3:
         assert list(ph.is_embed) == [t == img for t in span]
         assert [i for i, e in enumerate(ph.is_embed) if not e] == [4, 9]
         assert item.fields["pixel_values"].data.dtype == torch.uint8
+
+    async def test_features_of_another_size_are_refused(self, pipe) -> None:
+        # The measured hole: a 64x64 image's pixels in a 32x64 image's range used to complete
+        # with other tokens and no error.
+        err = await _assert_swap_refused(
+            pipe, f"{self.TOK.image_token}Describe.", _img(32, (64, 32)), _img(33, (64, 64)),
+            field="prompt.items[0].placeholder.length",
+        )
+        assert "64x64 image" in err.message, err.message
+
+    async def test_transposed_features_of_the_same_count_are_refused(self, pipe) -> None:
+        # 64x32 and 32x64: 8 embeddings each, but rows of 4 vs rows of 2: only the exact
+        # is_embed layout (vLLM's prompt update) tells them apart.
+        await _assert_swap_refused(
+            pipe, f"{self.TOK.image_token}Describe.", _img(34, (64, 32)), _img(35, (32, 64)),
+            field="prompt.items[0].placeholder.length",
+        )
 
 
 class TestGemma3:
@@ -474,6 +567,31 @@ class TestGemma3:
         assert ids == await asyncio.to_thread(hf_bidirectional)
 
 
+    async def test_features_with_extra_crops_are_refused(self, pipe) -> None:
+        # Without pan-and-scan every image is one 64x64 crop, so image features can't be of
+        # another size; pan-and-scan's extra crops (3 here, counted right) don't fit the range.
+        def three_crops(item: types.Item) -> dict[str, types.ItemField]:
+            pv, n = item.fields["pixel_values"], item.fields["num_patches"]
+            return {
+                "pixel_values": dataclasses.replace(pv, data=pv.data.repeat(3, 1, 1, 1)),
+                "num_patches": dataclasses.replace(n, data=torch.full_like(n.data, 3)),
+            }
+
+        await _assert_swap_refused(
+            pipe, self.TEXT, _img(43, (48, 40)), b_fields=three_crops,
+            field="prompt.items[0].fields.pixel_values.tensor.shape",
+        )
+
+    async def test_crop_count_must_match_the_crops(self, pipe) -> None:
+        def miscounted(item: types.Item) -> dict[str, types.ItemField]:
+            n = item.fields["num_patches"]
+            return {**item.fields, "num_patches": dataclasses.replace(n, data=torch.full_like(n.data, 2))}
+
+        await _assert_swap_refused(
+            pipe, self.TEXT, _img(45, (48, 40)), b_fields=miscounted,
+            field="prompt.items[0].fields.num_patches.tensor",
+        )
+
     @pytest.mark.xfail(strict=True, raises=_KnownVllmRefusal, reason=(
         "vLLM 0.32 Gemma3 processor bug: after expansion the image's trailing '\\n\\n' and the "
         "prompt's '\\n' are merged into the '\\n\\n\\n' token, which _find_mm_placeholders "
@@ -499,4 +617,11 @@ class TestIdefics3:
         (item,) = prompt.items
         assert item.fields["pixel_values"].data.shape[0] > 1
         assert item.placeholder.is_embed is not None and not all(item.placeholder.is_embed)
+
+    async def test_features_with_another_tile_count_are_refused(self, pipe) -> None:
+        # The raw size is gone (tiles only): embeds == 4 x tiles is what is checked.
+        await _assert_swap_refused(
+            pipe, f"{self.TOK.image_token}Describe.", _img(52, (48, 40)), _img(53, (96, 24)),
+            field="prompt.items[0].placeholder.is_embed",
+        )
 

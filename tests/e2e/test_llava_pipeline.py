@@ -198,6 +198,10 @@ async def test_health_and_metrics_of_both_services(llava_pipeline) -> None:
     assert 0.0 <= m1[("vlm_kv_cache_usage_perc", ())] <= 1.0
     assert m1[("vlm_engine_healthy", ())] == 1.0
     assert any(k[0] == "vlm_build_info" for k in m1)
+    for scraped in (m1, p1):  # the profile's check strength, on both services
+        assert scraped[("vlm_model_profile_field_checks", (("modality", "image"),))] == 1.0
+        assert scraped[("vlm_model_profile_layout_check",
+                        (("check", "reference"), ("modality", "image")))] == 1.0
     # Preprocessor.
     pre_gen = "/vlm.preprocessor.v1.PreprocessorService/Generate"
     assert delta(p1, p0, "vlm_grpc_requests_total", method=pre_gen, code="OK") == 2

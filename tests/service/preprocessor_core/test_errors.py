@@ -128,7 +128,7 @@ def test_prompt_too_long_before_expansion(llava_small):
         ({"min_pixels": 10**12}, "min_pixels"),  # would upscale beyond the image pixel limit
         ({"fps": 0}, "fps"),
         ({"num_frames": "8"}, "num_frames"),
-        ({"do_pan_and_scan": True}, "do_pan_and_scan"),  # Gemma 3 only
+        ({"do_pan_and_scan": True}, "do_pan_and_scan"),  # deployment-wide only (see kwargs.py)
     ],
 )
 def test_processor_kwargs_rejected(arch_env, kwargs, name):

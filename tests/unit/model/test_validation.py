@@ -293,3 +293,121 @@ def test_hash_must_be_the_digest_of_the_fields():
     assert item_digest(Modality.IMAGE, a.fields) != item_digest(
         Modality.IMAGE, {"pixel_values": ItemField(a.fields["pixel_values"].data, FieldLayout.SHARED)})
     assert item_digest(Modality.IMAGE, a.fields) != item_digest(Modality.VIDEO, a.fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# Features vs. placeholder: the reference layout, per-row counts, count fields
+# ---------------------------------------------------------------------------------------------
+
+from vlm.profile import SizeSource  # noqa: E402
+from vlm.vllm_layout import MediaSize, Reference  # noqa: E402
+
+#: Variable-size images: (h, w) in `image_sizes`, patch stacks of h*w/16 rows; a reference
+#: layout with one structural token after every 2 embeds (as Pixtral's row breaks).
+VAR = ModelProfile(
+    fingerprint=FP, vocab_size=100, max_model_len=64, max_logprobs=5,
+    modalities={Modality.IMAGE: ModalityProfile(
+        modality=Modality.IMAGE, placeholder_token_ids=frozenset({IMG}), placeholder_text="<image>",
+        max_items=2,
+        fields={
+            "image_sizes": FieldSpec("image_sizes", FieldLayout.BATCHED, torch.int64, 0, False, (2,)),
+            "pixel_values": FieldSpec("pixel_values", FieldLayout.BATCHED, torch.float32, 0, False, (None, 3, 4, 4)),
+        },
+        size_source=SizeSource("image_sizes", "hw_values"),
+    )},
+)
+
+
+def reference_of(modality: Modality, size: MediaSize) -> Reference:
+    """What a processor would say: h*w/16 patches, embeds = patches * 2, a break after every 2."""
+    if size.width % 4 or size.height % 4:
+        raise ValueError("sizes must be multiples of 4")
+    patches = size.width * size.height // 16
+    mask = (True, True, False) * patches
+    return Reference({"image_sizes": (2,), "pixel_values": (patches, 3, 4, 4)},
+                     {"image_sizes": (size.height, size.width)}, len(mask), mask)
+
+
+def var_item(offset: int, hw=(4, 8), patches=None, mask=None) -> Item:
+    patches = patches if patches is not None else hw[0] * hw[1] // 16
+    f = {"image_sizes": ItemField(torch.tensor(hw), FieldLayout.BATCHED),
+         "pixel_values": ItemField(torch.zeros(patches, 3, 4, 4), FieldLayout.BATCHED)}
+    mask = mask if mask is not None else (True, True, False) * (hw[0] * hw[1] // 16)
+    return Item(Modality.IMAGE, item_digest(Modality.IMAGE, f), Placeholder(offset, len(mask), mask), f)
+
+
+def var_prompt(item: Item) -> Prompt:
+    tokens = [1] * item.placeholder.offset + [IMG if e else BREAK for e in item.placeholder.is_embed] + [2]
+    return prompt(tokens, [item])
+
+
+def test_reference_layout_accepts_the_exact_fit() -> None:
+    seen = []
+    refs = lambda m, s: (seen.append(s), reference_of(m, s))[1]  # noqa: E731
+    PromptValidator(VAR, references=refs).validate_prompt(var_prompt(var_item(1)))
+    assert seen == [MediaSize(width=8, height=4)]
+
+
+@pytest.mark.parametrize("item, field, words", [
+    # another size's features in this range: the size says 2 patches → 6 positions, not 3
+    (var_item(1, hw=(4, 8), mask=(True, True, False)), "prompt.items[0].placeholder.length", "8x4 image takes 6"),
+    # same length, embeds moved: only the exact mask tells
+    (var_item(1, hw=(4, 8), mask=(True, False, True, True, True, False)), "prompt.items[0].placeholder.is_embed", "takes 6"),
+    # the stack has a patch too few for the size it claims (the vision tower would fail)
+    (var_item(1, hw=(4, 8), patches=1), "prompt.items[0].fields.pixel_values.tensor.shape", "[1, 3, 4, 4]"),
+])
+def test_reference_layout_refuses_what_does_not_fit(item, field, words) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        PromptValidator(VAR, references=reference_of).validate_prompt(var_prompt(item))
+    assert e.value.field == field and words in str(e.value), e.value
+
+
+def test_reference_size_is_bounded_and_checked() -> None:
+    v = PromptValidator(VAR, Limits(max_reference_pixels=1000), references=reference_of)
+    with pytest.raises(LimitExceeded) as e:  # a claimed 4000x4000 image: no stand-in is built
+        v.validate_prompt(var_prompt(var_item(1, hw=(4000, 4000), patches=1, mask=(True, True, False))))
+    assert e.value.field == "prompt.items[0].fields.image_sizes.tensor"
+    with pytest.raises(InvalidArgument) as e:
+        v.validate_prompt(var_prompt(var_item(1, hw=(0, 8), patches=1, mask=(True, True, False))))
+    assert e.value.field == "prompt.items[0].fields.image_sizes.tensor"
+    with pytest.raises(InvalidArgument) as e:  # the processor's own refusal, translated once
+        v.validate_prompt(var_prompt(var_item(1, hw=(5, 8), patches=2)))
+    assert e.value.field == "prompt.items[0].fields.image_sizes.tensor" and "ValueError" in str(e.value)
+
+
+def test_reference_layout_is_off_without_a_processor_or_when_not_strict() -> None:
+    bad = var_prompt(var_item(1, hw=(4, 8), mask=(True, True, False)))
+    PromptValidator(VAR).validate_prompt(bad)  # no references: the generic checks only
+    PromptValidator(VAR, Limits(check_fixed_shapes=False), references=reference_of).validate_prompt(bad)
+
+
+TILES = ModelProfile(
+    fingerprint=FP, vocab_size=100, max_model_len=64, max_logprobs=5,
+    modalities={Modality.IMAGE: ModalityProfile(
+        modality=Modality.IMAGE, placeholder_token_ids=frozenset({IMG}), placeholder_text="<image>",
+        max_items=2,
+        fields={
+            "num_patches": FieldSpec("num_patches", FieldLayout.BATCHED, torch.int64, 0, True, ()),
+            "pixel_values": FieldSpec("pixel_values", FieldLayout.FLAT, torch.float32, 0, False, (None, 3, 4, 4)),
+        },
+        embeds_per_row=("pixel_values", 2),
+        row_counts=(("num_patches", "pixel_values"),),
+    )},
+)
+
+
+def tile_item(tiles: int, embeds: int, count: int | None = None) -> Item:
+    f = {"num_patches": ItemField(torch.tensor(tiles if count is None else count), FieldLayout.BATCHED, keep_on_cpu=True),
+         "pixel_values": ItemField(torch.zeros(tiles, 3, 4, 4), FieldLayout.FLAT)}
+    return Item(Modality.IMAGE, item_digest(Modality.IMAGE, f), Placeholder(1, embeds), f)
+
+
+def test_per_row_count_and_count_fields() -> None:
+    v = PromptValidator(TILES)
+    v.validate_prompt(prompt([1] + [IMG] * 6 + [2], [tile_item(3, 6)]))
+    with pytest.raises(InvalidArgument) as e:  # 3 tiles take 6 embeddings, not 4
+        v.validate_prompt(prompt([1] + [IMG] * 4 + [2], [tile_item(3, 4)]))
+    assert e.value.field == "prompt.items[0].placeholder.length"
+    with pytest.raises(InvalidArgument) as e:  # num_patches says 2, the tiles are 3
+        v.validate_prompt(prompt([1] + [IMG] * 6 + [2], [tile_item(3, 6, count=2)]))
+    assert e.value.field == "prompt.items[0].fields.num_patches.tensor"

@@ -22,7 +22,6 @@ def test_integral_floats_become_ints():
     assert norm("max_pixels", 40000.0) == 40000 and type(norm("max_pixels", 40000.0)) is int
     assert norm("num_frames", 8) == 8
     assert norm("fps", 2) == 2.0 and type(norm("fps", 2)) is float
-    assert norm("do_pan_and_scan", True) is True
 
 
 @pytest.mark.parametrize(
@@ -40,7 +39,6 @@ def test_integral_floats_become_ints():
         ("fps", 0),
         ("fps", 31),
         ("fps", float("nan")),
-        ("do_pan_and_scan", 1),
     ],
 )
 def test_rejected_values_name_the_field(name, value):
