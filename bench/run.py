@@ -1,12 +1,13 @@
 """`vlm bench`: run the benchmarks and write JSON + markdown results.
 
-    vlm bench [preprocess|model|digest|soak|all] [--quick] [--out DIR]
+    vlm bench [preprocess|model|digest|soak|memory|all] [--quick] [--out DIR]
 
 * `preprocess`: preprocessing throughput of the preprocessor service vs. the HF processor
   in-process (`bench.preprocess_throughput`);
 * `model`: the gRPC pair vs. an in-process vLLM AsyncLLM (`bench.model_latency`);
 * `digest`: the cost per MiB of the verified item digest (`bench.digest`);
 * `soak`: 64 concurrent streaming clients for 60 s against the pair as processes (`bench.soak`);
+* `memory`: the preprocessor's peak memory under concurrent maximum-size messages (`bench.memory`);
 * `all` (default): all of them, one after the other.
 
 Each benchmark prints its markdown table and writes `<name>.json` and `<name>.md` to the output
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from bench.common import DEFAULT_OUT, log, write_results
 
-SUITES = ("preprocess", "model", "digest", "soak")
+SUITES = ("preprocess", "model", "digest", "soak", "memory")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             from bench import digest as mod
         elif suite == "soak":
             from bench import soak as mod
+        elif suite == "memory":
+            from bench import memory as mod
         else:
             from bench import model_latency as mod
         t = time.perf_counter()

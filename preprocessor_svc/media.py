@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from vlm.errors import InvalidArgument, InvalidMedia
-from vlm.types import Media, Modality
+from vlm.types import Media, Modality, PromptInput
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,30 @@ class MediaLimits:
     #: Bytes of the sampled RGB frames (num_frames * height * width * 3).
     max_video_decoded_bytes: int = 1 << 30
     video_containers: frozenset[str] = DEFAULT_VIDEO_CONTAINERS
+
+    def check_bytes(self, modality: Modality, size: int, field_path: str) -> None:
+        """Empty or over the byte limit: `InvalidMedia`. Checked at admission, before a request
+        waits for a worker (an oversize item costs no queue slot, pipe copy or worker), and
+        again by the decoder."""
+        what = modality.value
+        if size == 0:
+            raise InvalidMedia(f"empty {what}", field=field_path)
+        limit = self.max_video_bytes if modality is Modality.VIDEO else self.max_image_bytes
+        if size > limit:
+            raise InvalidMedia(
+                f"{what} of {size} bytes exceeds the limit of {limit} bytes", field=field_path
+            )
+
+
+def media_with_paths(prompt: PromptInput) -> Iterator[tuple[Media, str]]:
+    """Every media item of a prompt with its request path ("media[2]",
+    "prompt.messages[0].content[1].media")."""
+    for i, m in enumerate(prompt.media):
+        yield m, f"media[{i}]"
+    for i, msg in enumerate(prompt.messages or ()):
+        for j, part in enumerate(msg.content):
+            if part.media is not None:
+                yield part.media, f"prompt.messages[{i}].content[{j}].media"
 
 
 def sniff_video_container(data: bytes) -> str | None:
@@ -118,13 +142,7 @@ class MediaDecoder:
         from vllm.multimodal.media.image import ImageMediaIO
 
         limits = self.limits
-        if not data:
-            raise InvalidMedia("empty image", field=field_path)
-        if len(data) > limits.max_image_bytes:
-            raise InvalidMedia(
-                f"image of {len(data)} bytes exceeds the limit of {limits.max_image_bytes} bytes",
-                field=field_path,
-            )
+        limits.check_bytes(Modality.IMAGE, len(data), field_path)
         # Header only: format and size, without decoding pixels.
         try:
             with Image.open(io.BytesIO(data), formats=sorted(limits.image_formats)) as probe:
@@ -173,13 +191,7 @@ class MediaDecoder:
         from vllm.multimodal.media.video import VideoMediaIO
 
         limits = self.limits
-        if not data:
-            raise InvalidMedia("empty video", field=field_path)
-        if len(data) > limits.max_video_bytes:
-            raise InvalidMedia(
-                f"video of {len(data)} bytes exceeds the limit of {limits.max_video_bytes} bytes",
-                field=field_path,
-            )
+        limits.check_bytes(Modality.VIDEO, len(data), field_path)
         container = sniff_video_container(data)
         if container is None or container not in limits.video_containers:
             raise InvalidMedia(

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from preprocessor_svc.media import media_with_paths
 from preprocessor_svc.processing import PreprocessMetrics, Processor, ProcessorConfig
 from vlm.convert import EncodedItem, EncodedPrompt, encode_prompt
 from vlm.errors import Internal, ResourceExhausted, Unavailable, VlmError
@@ -418,6 +419,12 @@ class Preprocessor:
         if self._closed:
             raise Unavailable("the preprocessor is shutting down")
         self._requests += 1
+        try:
+            for media, path in media_with_paths(prompt):
+                self.config.media_limits.check_bytes(media.modality, len(media.data), f"{path}.data")
+        except VlmError:
+            self._failed += 1
+            raise
         if self._idle.empty() and self._waiting >= self.pool.max_queue:
             self._rejected += 1
             raise ResourceExhausted(
