@@ -4,12 +4,14 @@
 Start-up with model targets (the gateway):
 
 1. Bind the port, NOT_SERVING (health checks get an answer, RPCs get UNAVAILABLE).
-2. Discover the replicas and handshake (`GetModelInfo`), retrying until one that serves this
-   model's files answers: the services may start in any order.
-3. Adopt what the preprocessor was not told explicitly from that replica's profile: the dtype
-   features travel in (`--dtype auto`), the max length and the per-modality item limits.
-4. Start and warm the workers; from then on a replica is compatible only when its full
-   fingerprint (feature dtype included) equals the workers' profile.
+2. Start and warm the workers, and meanwhile discover the replicas and handshake
+   (`GetModelInfo`), retrying until one that serves this model's files answers: the services
+   may start in any order, and started together they start in parallel.
+3. If that replica's profile differs from the workers' in what the preprocessor was not told
+   explicitly (the dtype features travel in with `--dtype auto`, the max length, the
+   per-modality item limits), adopt its values and start the workers again.
+4. From then on a replica is compatible only when its full fingerprint (feature dtype
+   included) equals the workers' profile.
 5. SERVING while at least one compatible replica is; each replica's state is also reported
    as health service `replica/ADDRESS`.
 """
@@ -31,6 +33,7 @@ from preprocessor_svc.replicas import ReplicaSet, ReplicaState
 from preprocessor_svc.servicer import SERVICE_NAME, PreprocessorServicer, add_to_server
 from vlm import types
 from vlm.fingerprint import compute_fingerprint
+from vlm.profile import ModelProfile
 from vlm.security import NO_SECURITY, ClientSecurity
 from vlm.server import GrpcApp, ServerOptions, freeze_gc_heap
 
@@ -56,6 +59,18 @@ def adopt_model_info(config: ProcessorConfig, info: types.ModelInfo) -> Processo
     if changes:
         log.info("adopted from the model replica %s: %s", info.model_id, changes)
     return dataclasses.replace(config, **changes)
+
+
+def _agrees(profile: ModelProfile, info: types.ModelInfo) -> bool:
+    """Do workers that derived `profile` already prepare what the replica serves (same model
+    files, impl, vLLM release and feature dtype; max length; item limits)?"""
+    mine = profile.model_info()
+    return (
+        info.fingerprint.same_model(mine.fingerprint)
+        and info.max_model_len == mine.max_model_len
+        and {m.modality: m.max_items_per_prompt for m in info.modalities}
+        == {m.modality: m.max_items_per_prompt for m in mine.modalities}
+    )
 
 
 def _files_check(config: ProcessorConfig):
@@ -167,12 +182,30 @@ class PreprocessorApp:
                 http = await _start_http(config, options, metrics, replicas, http_host, http_port,
                                          served_model_name)
                 app.also_stop(http.stop)
-            if replicas is not None:
+            if replicas is None:
+                preprocessor = await Preprocessor.start(config, pool)
+            else:
                 await replicas.start()
                 health = _EndToEndHealth(app, replicas, changed)
-                info = await _wait_for_model(replicas, config)
-                config = adopt_model_info(config, info)
-            preprocessor = await Preprocessor.start(config, pool)
+                # The workers start while the replicas do (compose starts both at once); if
+                # the replica's facts then differ from what the workers derived, they are
+                # started again with the adopted config.
+                early = asyncio.create_task(Preprocessor.start(config, pool))
+                try:
+                    info = await _wait_for_model(replicas, config)
+                    preprocessor = await early
+                except BaseException:
+                    early.cancel()
+                    done = (await asyncio.gather(early, return_exceptions=True))[0]
+                    if isinstance(done, Preprocessor):
+                        await done.close()
+                    raise
+                if not _agrees(preprocessor.profile, info):
+                    config = adopt_model_info(config, info)
+                    log.info("restarting the workers with the replica's facts")
+                    early_pre, preprocessor = preprocessor, None
+                    await early_pre.close()
+                    preprocessor = await Preprocessor.start(config, pool)
             metrics.bind(preprocessor)
             if replicas is not None:
                 replicas.set_check(_profile_check(preprocessor.profile.fingerprint))
