@@ -148,8 +148,8 @@ def _query(url: str, expr: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def traffic(stack, test_prometheus, tmp_path_factory):
     """Real requests through the preprocessor, spread over a few seconds: the same image
-    three times (processor-cache and feature-store hits), another image over the OpenAI
-    API, and one refused request (INVALID_ARGUMENT)."""
+    three times (processor-cache and feature-store hits), another image three times over the
+    OpenAI API, and one refused request (INVALID_ARGUMENT)."""
     work = tmp_path_factory.mktemp("traffic")
     image = work / "cat.png"
     image.write_bytes(_png(1))
@@ -167,12 +167,14 @@ def traffic(stack, test_prometheus, tmp_path_factory):
     http = f"http://{_endpoint(stack, 'preprocessor', 8000)}/v1"
     models = json.loads(_get(f"{http}/models"))["data"]
     data_url = "data:image/png;base64," + base64.b64encode(_png(2)).decode()
-    completion = _post_json(f"{http}/chat/completions", {
-        "model": models[0]["id"], "max_tokens": 5, "temperature": 0,
-        "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": data_url}},
-            {"type": "text", "text": "What is in the picture?"}]}],
-    })
+    for _ in range(3):  # spread out: the HTTP latency panel's rate needs an increase to see
+        completion = _post_json(f"{http}/chat/completions", {
+            "model": models[0]["id"], "max_tokens": 5, "temperature": 0,
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": data_url}},
+                {"type": "text", "text": "What is in the picture?"}]}],
+        })
+        time.sleep(1.0)
     tok = SPECS["llava"].image_token
     bad = _vlm("preprocess", "--target", target, "--prompt", f"{tok}{tok} two placeholders",
                "--image", str(image))

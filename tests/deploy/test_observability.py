@@ -100,6 +100,8 @@ def test_dashboard_has_the_required_panels() -> None:
         "cache hit ratios": ("vlm_feature_store_hits_total", "vlm_processor_cache_hits_total"),
         "errors by code": ("vlm_grpc_requests_total", 'code!="OK"', "code)"),
         "per-replica traffic": ("vlm_gateway_replica_requests_total", "by (replica)"),
+        "OpenAI HTTP status": ("vlm_http_requests_total", "status)"),
+        "OpenAI HTTP latency": ("vlm_http_request_duration_seconds_bucket", "0.95"),
     }
     for what, needles in required.items():
         assert any(all(n in e for n in needles) for e in exprs.values()), what

@@ -1,9 +1,9 @@
 """Shared helpers of the deployment tests: where things are, and the external tools they need.
 
 The tools come from Debian (`prometheus`/`promtool`, `docker-compose`, `kubectl`; `.ci/run`
-installs them) or from the dev dependency group (`hadolint`, `kubernetes-validate`). A missing
-Debian tool skips its tests with the reason, except in CI (`CI` set to true), where it fails
-them: CI installs every one of them.
+installs them; `openssl`, for deploy/secrets/generate.sh) or from the dev dependency group
+(`hadolint`, `kubernetes-validate`). A missing Debian tool skips its tests with the reason,
+except in CI (`CI` set to true), where it fails them: CI installs every one of them.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ _DEBIAN_PACKAGE = {
     "promtool": "prometheus",
     "docker-compose": "docker-compose",
     "kubectl": "kubectl",
+    "openssl": "openssl",
 }
 
 
