@@ -370,9 +370,25 @@ class PromptValidator:
                         field=f"prompt.items[{i}].fields.{name}.tensor.shape",
                     )
 
-    def _check_reference(self, i: int, item: Item, mspec: ModalityProfile) -> None:
-        """The item against vLLM's processor run on a stand-in of the size its fields give."""
-        assert item.fields is not None and mspec.size_source is not None and self._references
+    def reference_sizes(self, prompt: Prompt) -> list[tuple[Modality, MediaSize]]:
+        """The (modality, size) references `validate_prompt` will look up for the items sent
+        with fields (sizes it would refuse left out), so that a caller can make the missing
+        ones off the event loop first."""
+        if self._references is None or not self.limits.check_fixed_shapes:
+            return []
+        out = []
+        for i, item in enumerate(prompt.items):
+            mspec = self.profile.modalities.get(item.modality)
+            if item.fields is None or mspec is None or mspec.size_source is None:
+                continue
+            try:
+                out.append((item.modality, self._reference_size(i, item, mspec)))
+            except (InvalidArgument, LimitExceeded):
+                continue
+        return out
+
+    def _reference_size(self, i: int, item: Item, mspec: ModalityProfile) -> MediaSize:
+        assert item.fields is not None and mspec.size_source is not None
         fpath = f"prompt.items[{i}].fields"
         try:
             size = size_of(item.modality, mspec.size_source, item.fields)
@@ -386,6 +402,14 @@ class PromptValidator:
                 f"media of {size.width}x{size.height} pixels x {size.frames} frame(s) is over this "
                 f"service's {self.limits.max_reference_pixels} pixels", field=spath,
             )
+        return size
+
+    def _check_reference(self, i: int, item: Item, mspec: ModalityProfile) -> None:
+        """The item against vLLM's processor run on a stand-in of the size its fields give."""
+        assert item.fields is not None and mspec.size_source is not None and self._references
+        fpath = f"prompt.items[{i}].fields"
+        spath = f"{fpath}.{mspec.size_source.field}.tensor"
+        size = self._reference_size(i, item, mspec)
         media = f"{size.width}x{size.height} {item.modality.value}" + (
             f" of {size.frames} frames" if item.modality is Modality.VIDEO else "")
         try:
