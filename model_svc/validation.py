@@ -35,7 +35,7 @@ What is checked (`PromptValidator`):
   merge², and flat patch rows = prod(grid) x k; (c) "per_row" — where only a tile count is left
   (Idefics3): embeds = k x tiles; (d) "fixed" embed counts. Count fields equal the rows they
   count (`num_patches`). Which one a model gets is chosen at start-up by reproducing the probes;
-  "none" is logged as an error and exported (`vlm_model_profile_layout_checks`).
+  "none" is logged as an error and exported (`vlm_model_profile_layout_check`).
 * sampling — vLLM's own `SamplingParams` checks (in `engine_input.SamplingToParams`, translated
   by `vlm.vllm_errors`), plus at most vLLM's `VLLM_MAX_STOP_STRINGS` stop strings (the bound
   vLLM's OpenAI server puts on `stop`; `SamplingParams` itself takes any number), stop token IDs

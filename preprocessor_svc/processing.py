@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from preprocessor_svc.kwargs import PROCESSOR_KWARGS, ProcessorKwargs
-from preprocessor_svc.media import MediaDecoder, MediaLimits
+from preprocessor_svc.media import MediaDecoder, MediaLimits, media_with_paths
 from vlm import vllm_errors
 from vlm.errors import Internal, InvalidArgument, LimitExceeded, PromptTooLong, VlmError
 from vlm.digest import item_digest
@@ -344,22 +344,18 @@ class Processor:
         return PreprocessResult(result_prompt, metrics)
 
     def _media_refs(self, prompt: PromptInput, kind: str) -> list[_MediaRef]:
-        if kind != "messages":
-            return [_MediaRef(m, f"media[{i}]") for i, m in enumerate(prompt.media)]
-        if prompt.media:
-            raise InvalidArgument(
-                "chat messages carry their media inline; the media list must be empty",
-                field="media",
-            )
-        refs = []
-        for i, msg in enumerate(prompt.messages or ()):
-            for j, part in enumerate(msg.content):
-                path = f"prompt.messages[{i}].content[{j}]"
-                if (part.text is None) == (part.media is None):
-                    raise InvalidArgument("a content part holds exactly one of text or media", field=path)
-                if part.media is not None:
-                    refs.append(_MediaRef(part.media, f"{path}.media"))
-        return refs
+        if kind == "messages":
+            if prompt.media:
+                raise InvalidArgument(
+                    "chat messages carry their media inline; the media list must be empty",
+                    field="media",
+                )
+            for i, msg in enumerate(prompt.messages or ()):
+                for j, part in enumerate(msg.content):
+                    if (part.text is None) == (part.media is None):
+                        raise InvalidArgument("a content part holds exactly one of text or media",
+                                              field=f"prompt.messages[{i}].content[{j}]")
+        return [_MediaRef(m, path) for m, path in media_with_paths(prompt)]
 
     def _check_items(self, refs: Sequence[_MediaRef], kind: str) -> None:
         limits = {m.value: mp.max_items for m, mp in self.profile.modalities.items()}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,18 +75,33 @@ def size_of(modality: Modality, source: SizeSource, fields: Mapping[str, ItemFie
     return MediaSize(width=w, height=h, frames=frames)
 
 
-def reference(processor: Any, modality: Modality, size: MediaSize, seq_len: int) -> Reference:
-    """Run vLLM's processor on a blank stand-in of `size` (one item, no text)."""
-    from vllm.config.multimodal import (
-        ImageDummyOptions,
-        MultiModalDummyOptions,
-        VideoDummyOptions,
-    )
+def process_one(
+    processor: Any, modality: Modality, options: Any, seq_len: int,
+    replace: Callable[[Any], Any] | None = None,
+) -> tuple[Any, Mapping[str, Any]]:
+    """vLLM's processor on one dummy item (vLLM's dummy-input builder with `options`; `replace`
+    turns the builder's media into the one to use). Returns the media and the processor's
+    output (`MultiModalInput`)."""
+    from vllm.config.multimodal import MultiModalDummyOptions
     from vllm.multimodal.processing.context import TimingContext
 
-    from vlm.vllm_mm import item_fields
-
     name = modality.value
+    inputs = processor.get_dummy_inputs(seq_len, {name: 1}, MultiModalDummyOptions({name: options}))
+    media = inputs.mm_data_items[name].get(0)
+    if replace is not None:
+        media = replace(media)
+        inputs = dataclasses.replace(
+            inputs, mm_data_items=processor.info.parse_mm_data({name: [media]}, validate=False)
+        )
+    return media, processor.apply(inputs, TimingContext(enabled=False))
+
+
+def reference(processor: Any, modality: Modality, size: MediaSize, seq_len: int) -> Reference:
+    """Run vLLM's processor on a blank stand-in of `size` (one item, no text)."""
+    from vllm.config.multimodal import ImageDummyOptions, VideoDummyOptions
+
+    from vlm.vllm_mm import item_fields, placeholder_from_range
+
     if modality is Modality.IMAGE:
         opts: Any = ImageDummyOptions(count=1, width=size.width, height=size.height)
     elif modality is Modality.VIDEO:
@@ -94,23 +109,17 @@ def reference(processor: Any, modality: Modality, size: MediaSize, seq_len: int)
             count=1, num_frames=size.frames, width=size.width, height=size.height
         )
     else:
-        raise ValueError(f"no stand-in for {name}")
-    inputs = processor.get_dummy_inputs(seq_len, {name: 1}, MultiModalDummyOptions({name: opts}))
+        raise ValueError(f"no stand-in for {modality.value}")
     # vLLM's dummy builder may shrink its media; put in a stand-in of exactly the size.
-    item = inputs.mm_data_items[name].get(0)
-    inputs = dataclasses.replace(
-        inputs, mm_data_items=processor.info.parse_mm_data({name: [_stand_in(modality, size, item)]},
-                                                           validate=False),
-    )
-    out = processor.apply(inputs, TimingContext(enabled=False))
-    fields = item_fields(out["mm_kwargs"][name][0], copy=False)
-    rng = out["mm_placeholders"][name][0]
-    is_embed = None if rng.is_embed is None else tuple(bool(v) for v in rng.is_embed.tolist())
+    _, out = process_one(processor, modality, opts, seq_len,
+                         replace=lambda like: _stand_in(modality, size, like))
+    fields = item_fields(out["mm_kwargs"][modality.value][0], copy=False)
+    ph = placeholder_from_range(out["mm_placeholders"][modality.value][0])
     return Reference(
         shapes={n: tuple(f.data.shape) for n, f in fields.items()},
         values=small_int_values(fields),
-        length=int(rng.length),
-        is_embed=is_embed,
+        length=ph.length,
+        is_embed=ph.is_embed,
     )
 
 

@@ -29,7 +29,7 @@ from typing import Any
 from vlm.codec import dtype_name
 from vlm.fingerprint import compute_fingerprint
 from vlm.profile import FieldSpec, ModalityProfile, ModelProfile, SizeSource
-from vlm.types import FieldLayout, ItemField, Modality
+from vlm.types import FieldLayout, ItemField, Modality, Placeholder
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +175,13 @@ def _config_token_ids(hf_config: Any, modality: Modality) -> set[int]:
 class _Probe:
     signature: Any
     fields: dict[str, ItemField]
-    embed_count: int
+    placeholder: Placeholder
     embed_token_ids: set[int]
     engine_input: Any  # the processor's MultiModalInput
-    length: int = 0
-    is_embed: tuple[bool, ...] | None = None
+
+    @property
+    def embed_count(self) -> int:
+        return self.placeholder.embed_count()
 
 
 def _dummy_options(modality: Modality, k: int) -> Any:
@@ -210,33 +212,23 @@ def _media_signature(x: Any) -> Any:
 
 
 def _probe(processor: Any, modality: Modality, k: int, seq_len: int) -> _Probe:
-    from vllm.config.multimodal import MultiModalDummyOptions
-    from vllm.multimodal.processing.context import TimingContext
+    from vlm.vllm_layout import process_one
+    from vlm.vllm_mm import item_fields, placeholder_from_range
 
-    from vlm.vllm_mm import item_fields
-
-    name = modality.value
-    opts = MultiModalDummyOptions({name: _dummy_options(modality, k)})
-    inputs = processor.get_dummy_inputs(seq_len, {name: 1}, opts)
+    replace = None
     if modality is Modality.IMAGE:
         # vLLM's dummy builder only shrinks its (largest) image; use our own sizes instead.
         from PIL import Image
 
-        image = Image.new("RGB", _IMAGE_SIZES[k], color=(255, 128, 0))
-        items = processor.info.parse_mm_data({name: [image]}, validate=False)
-        inputs = dataclasses.replace(inputs, mm_data_items=items)
-    signature = _media_signature(inputs.mm_data_items[name].get(0))
-    out = processor.apply(inputs, TimingContext(enabled=False))
-    kw = out["mm_kwargs"][name][0]
-    rng = out["mm_placeholders"][name][0]
+        replace = lambda _: Image.new("RGB", _IMAGE_SIZES[k], color=(255, 128, 0))  # noqa: E731
+    media, out = process_one(processor, modality, _dummy_options(modality, k), seq_len, replace)
+    name = modality.value
+    ph = placeholder_from_range(out["mm_placeholders"][name][0])
     ids = out["prompt_token_ids"]
-    is_embed = None if rng.is_embed is None else [bool(v) for v in rng.is_embed.tolist()]
     embed_ids = {
-        int(ids[rng.offset + j]) for j in range(rng.length) if is_embed is None or is_embed[j]
+        int(ids[ph.offset + j]) for j in range(ph.length) if ph.is_embed is None or ph.is_embed[j]
     }
-    embeds = rng.length if is_embed is None else sum(is_embed)
-    return _Probe(signature, item_fields(kw), embeds, embed_ids, out, int(rng.length),
-                  None if is_embed is None else tuple(is_embed))
+    return _Probe(_media_signature(media), item_fields(out["mm_kwargs"][name][0]), ph, embed_ids, out)
 
 
 def _field_facts(modality: Modality, probes: list[_Probe]) -> dict[str, Any]:
@@ -382,6 +374,6 @@ def _reproduces(probe: _Probe, ref: Any) -> bool:
     return (
         ref.shapes == {n: tuple(f.data.shape) for n, f in probe.fields.items()}
         and ref.values == small_int_values(probe.fields)
-        and ref.length == probe.length
-        and ref.is_embed == probe.is_embed
+        and ref.length == probe.placeholder.length
+        and ref.is_embed == probe.placeholder.is_embed
     )

@@ -302,19 +302,22 @@ def test_hash_must_be_the_digest_of_the_fields():
 from vlm.profile import SizeSource  # noqa: E402
 from vlm.vllm_layout import MediaSize, Reference  # noqa: E402
 
+def image_profile(**image: object) -> ModelProfile:
+    """SPEC's model with one image modality made of `image` (fields and layout relations)."""
+    return dataclasses.replace(SPEC, modalities={Modality.IMAGE: ModalityProfile(
+        modality=Modality.IMAGE, placeholder_token_ids=frozenset({IMG}), placeholder_text="<image>",
+        max_items=2, **image,
+    )})
+
+
 #: Variable-size images: (h, w) in `image_sizes`, patch stacks of h*w/16 rows; a reference
 #: layout with one structural token after every 2 embeds (as Pixtral's row breaks).
-VAR = ModelProfile(
-    fingerprint=FP, vocab_size=100, max_model_len=64, max_logprobs=5,
-    modalities={Modality.IMAGE: ModalityProfile(
-        modality=Modality.IMAGE, placeholder_token_ids=frozenset({IMG}), placeholder_text="<image>",
-        max_items=2,
-        fields={
-            "image_sizes": FieldSpec("image_sizes", FieldLayout.BATCHED, torch.int64, 0, False, (2,)),
-            "pixel_values": FieldSpec("pixel_values", FieldLayout.BATCHED, torch.float32, 0, False, (None, 3, 4, 4)),
-        },
-        size_source=SizeSource("image_sizes", "hw_values"),
-    )},
+VAR = image_profile(
+    fields={
+        "image_sizes": FieldSpec("image_sizes", FieldLayout.BATCHED, torch.int64, 0, False, (2,)),
+        "pixel_values": FieldSpec("pixel_values", FieldLayout.BATCHED, torch.float32, 0, False, (None, 3, 4, 4)),
+    },
+    size_source=SizeSource("image_sizes", "hw_values"),
 )
 
 
@@ -381,18 +384,13 @@ def test_reference_layout_is_off_without_a_processor_or_when_not_strict() -> Non
     PromptValidator(VAR, Limits(check_fixed_shapes=False), references=reference_of).validate_prompt(bad)
 
 
-TILES = ModelProfile(
-    fingerprint=FP, vocab_size=100, max_model_len=64, max_logprobs=5,
-    modalities={Modality.IMAGE: ModalityProfile(
-        modality=Modality.IMAGE, placeholder_token_ids=frozenset({IMG}), placeholder_text="<image>",
-        max_items=2,
-        fields={
-            "num_patches": FieldSpec("num_patches", FieldLayout.BATCHED, torch.int64, 0, True, ()),
-            "pixel_values": FieldSpec("pixel_values", FieldLayout.FLAT, torch.float32, 0, False, (None, 3, 4, 4)),
-        },
-        embeds_per_row=("pixel_values", 2),
-        row_counts=(("num_patches", "pixel_values"),),
-    )},
+TILES = image_profile(
+    fields={
+        "num_patches": FieldSpec("num_patches", FieldLayout.BATCHED, torch.int64, 0, True, ()),
+        "pixel_values": FieldSpec("pixel_values", FieldLayout.FLAT, torch.float32, 0, False, (None, 3, 4, 4)),
+    },
+    embeds_per_row=("pixel_values", 2),
+    row_counts=(("num_patches", "pixel_values"),),
 )
 
 
