@@ -6,9 +6,12 @@ all at once, and the server's peak memory is measured.
 The preprocessor runs as a real process (`vlm serve-preprocessor`, tiny LLaVA, 1 worker). Each
 of N concurrent clients sends a `Preprocess` request just under the 32 MiB message limit: one
 image of that size (random bytes, over the 20 MiB image limit: refused once the whole message
-was received and deserialized, which is what holds the memory). Rounds at several N, with the RPC limit off (the default) and at `--max-concurrent-rpcs
-8`. Reported per round: the server tree's peak RSS over its idle baseline, the codes, and the
-peak per concurrent message. The bound the README documents is message size x concurrent RPCs.
+was received and deserialized, which is what holds the memory). Rounds at several N, under three
+request-memory budgets (`--max-request-memory-bytes`, `vlm.admission`): the default (8 × the
+32 MiB message limit: 8 messages read at once), a tight one (2 messages) and one large enough
+for every client (what the server did before the budget existed). Reported per round: the
+server tree's peak RSS over its idle baseline, the codes, and the peak per message admitted at
+once. The bound the README documents is about 2.8 × the budget.
 """
 
 from __future__ import annotations
@@ -101,7 +104,11 @@ def run(*, quick: bool = False, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
     payload = os.urandom(PAYLOAD)
     levels = (4, 16) if quick else (4, 16, 32)
     rows: list[dict[str, Any]] = []
-    for extra in ([], ["--max-concurrent-rpcs", "8"]):
+    budgets = {"default (8 messages)": None, "2 messages": 2 * 32 * MiB,
+               "unbounded (every client)": max(levels) * 32 * MiB}
+    for label, budget in budgets.items():
+        extra = [] if budget is None else ["--max-request-memory-bytes", str(budget)]
+        slots = (budget or 8 * 32 * MiB) // (32 * MiB)
         port = free_port()
         target = f"127.0.0.1:{port}"
         proc = _start(model_dir, port, work, extra)
@@ -117,17 +124,17 @@ def run(*, quick: bool = False, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
                 time.sleep(0.5)
                 peak = sampler.stop()["peak_rss_mb"]
                 after = tree_memory(proc.pid, pss=False)["rss_mb"]
-                concurrent = clients if not extra else min(clients, int(extra[1]))
+                concurrent = min(clients, slots)
                 row = {
-                    "rpc_limit": int(extra[1]) if extra else None, "clients": clients,
+                    "budget": label, "admitted_at_once": concurrent, "clients": clients,
                     "message_mib": PAYLOAD / MiB, "baseline_rss_mb": base, "peak_rss_mb": peak,
                     "peak_over_baseline_mb": peak - base, "after_rss_mb": after,
-                    "per_concurrent_message_mb": (peak - base) / concurrent,
+                    "per_admitted_message_mb": (peak - base) / concurrent,
                     "codes": dict(codes), "wall_s": wall,
                 }
                 rows.append(row)
-                log(f"memory: limit={row['rpc_limit']} clients={clients}: peak +{peak - base:.0f} MB "
-                    f"({row['per_concurrent_message_mb']:.1f} MB per concurrent message), {dict(codes)}")
+                log(f"memory: budget={label} clients={clients}: peak +{peak - base:.0f} MB "
+                    f"({row['per_admitted_message_mb']:.1f} MB per admitted message), {dict(codes)}")
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -138,14 +145,16 @@ def run(*, quick: bool = False, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
     md = [
         "## Memory: concurrent maximum-size Preprocess messages (32 MiB) against one preprocessor process",
         "",
-        "| RPC limit | clients | baseline RSS | peak RSS | peak − baseline | per concurrent message | RSS after | codes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| request-memory budget | clients | read at once | baseline RSS | peak RSS | peak − baseline "
+        "| per message read at once | RSS after | codes | wall |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         md.append(
-            f"| {r['rpc_limit'] or 'off'} | {r['clients']} | {r['baseline_rss_mb']:.0f} MB | "
-            f"{r['peak_rss_mb']:.0f} MB | {r['peak_over_baseline_mb']:.0f} MB | "
-            f"{r['per_concurrent_message_mb']:.1f} MB | {r['after_rss_mb']:.0f} MB | {r['codes']} |"
+            f"| {r['budget']} | {r['clients']} | {r['admitted_at_once']} | "
+            f"{r['baseline_rss_mb']:.0f} MB | {r['peak_rss_mb']:.0f} MB | "
+            f"{r['peak_over_baseline_mb']:.0f} MB | {r['per_admitted_message_mb']:.1f} MB | "
+            f"{r['after_rss_mb']:.0f} MB | {r['codes']} | {r['wall_s']:.1f} s |"
         )
     md += ["", f"Logs: `{work}`."]
     data = {"name": NAME, "quick": quick, "rows": rows, "logs": str(work)}

@@ -6,7 +6,8 @@
   (health NOT_SERVING via `enter_graceful_shutdown()`, then `server.stop(grace)`).
 - `ErrorMappingInterceptor`: the edge where `vlm.errors.VlmError` (and anything unexpected)
   becomes a gRPC status, for unary and server-streaming handlers alike, with the
-  machine-readable `ErrorDetail` in trailing metadata; it also counts requests by status code.
+  machine-readable `ErrorDetail` in trailing metadata; it also counts requests by status code
+  and reads each request message under the request-memory budget (`vlm.admission`).
 - Logging carries the request id (`request_id_var`) on every record.
 """
 
@@ -18,6 +19,7 @@ import gc
 import logging
 import signal
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from vlm import __version__
+from vlm.admission import RequestBudget
 from vlm.common.v1 import generation_pb2
 from vlm.convert import request_deserializer
 from vlm.errors import DETAIL_KEY, REASON_KEY, MissingFeatures, UpstreamError, VlmError
@@ -90,6 +93,12 @@ class ServerOptions:
     #: Largest request/response message. With `max_concurrent_rpcs` it bounds the memory that
     #: requests can pin: about max_concurrent_rpcs × max_message_bytes at worst.
     max_message_bytes: int = 64 * 1024 * 1024
+    #: Bytes of request messages held at once (`vlm.admission.RequestBudget`): an RPC reserves
+    #: `max_message_bytes` while its message arrives, then the message's size until it ends.
+    #: None: 8 × `max_message_bytes`.
+    max_request_memory_bytes: int | None = None
+    #: RPCs waiting for request memory, beyond which RESOURCE_EXHAUSTED at once.
+    max_waiting_rpcs: int = 1024
     #: RPCs handled at once (health watches included); more get RESOURCE_EXHAUSTED at once.
     #: Off by default: grpc.aio's limiter is suspected of miscounting cancelled RPCs (a
     #: long-running test session saw unexplained refusals); see README.
@@ -111,12 +120,17 @@ class ServerOptions:
             metrics_host=args.metrics_host,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
             max_message_bytes=args.max_message_bytes,
+            max_request_memory_bytes=args.max_request_memory_bytes or None,
             max_concurrent_rpcs=args.max_concurrent_rpcs or None,
             grace_s=args.grace,
             security=ServerSecurity.from_files(
                 args.tls_cert, args.tls_key, args.tls_client_ca, args.auth_token_file
             ),
         )
+
+    @property
+    def request_memory_limit(self) -> int:
+        return self.max_request_memory_bytes or 8 * self.max_message_bytes
 
     def grpc_options(self) -> list[tuple[str, Any]]:
         return [
@@ -129,6 +143,9 @@ class ServerOptions:
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.max_concurrent_streams", self.max_concurrent_streams),
             ("grpc.so_reuseport", 0),
+            # No read-ahead beyond HTTP/2's 64 KiB window until a message is asked for, so that
+            # the request-memory budget bounds what the transport buffers (`vlm.admission`).
+            ("grpc.http2.bdp_probe", 0),
         ]
 
 
@@ -148,9 +165,13 @@ def add_server_args(
     group.add_argument("--metrics-port", type=int, default=metrics_port, help="-1 disables /metrics")
     group.add_argument("--max-message-bytes", type=int, default=max_message_bytes,
                        help="largest message (default %(default)s)")
+    group.add_argument("--max-request-memory-bytes", type=int, default=0,
+                       help="bytes of request messages held at once: an RPC reserves "
+                            "--max-message-bytes while its message arrives, then the message's "
+                            "size until it ends; others wait (0: 8 × --max-message-bytes)")
     group.add_argument("--max-concurrent-rpcs", type=int, default=max_concurrent_rpcs,
                        help="RPCs at once, beyond which RESOURCE_EXHAUSTED (0: unbounded, the "
-                            "default); peak request memory is about this × --max-message-bytes")
+                            "default)")
     group.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds")
     sec = parser.add_argument_group("security (each flag also reads an environment variable)")
     sec.add_argument("--tls-cert", default=None, help="PEM server certificate [VLM_TLS_CERT]")
@@ -199,6 +220,22 @@ class BaseMetrics:
             ["method"],
             registry=self.registry,
         )
+        self.request_memory = Gauge(
+            f"{METRICS_PREFIX}_grpc_request_memory_bytes",
+            "Bytes of request messages held by RPCs in flight: the largest message while one "
+            "arrives, then its size until the RPC ends.",
+            registry=self.registry,
+        )
+        self.request_memory_limit = Gauge(
+            f"{METRICS_PREFIX}_grpc_request_memory_limit_bytes",
+            "The request-memory budget (--max-request-memory-bytes).",
+            registry=self.registry,
+        )
+        self.request_memory_waiting = Gauge(
+            f"{METRICS_PREFIX}_grpc_request_memory_waiting",
+            "RPCs waiting for request memory before their message is read.",
+            registry=self.registry,
+        )
         self.profile_field_checks = Gauge(
             f"{METRICS_PREFIX}_model_profile_field_checks",
             "1 where the model profile holds the field specs probed from vLLM's processor for the "
@@ -215,6 +252,10 @@ class BaseMetrics:
             ["modality", "check"],
             registry=self.registry,
         )
+
+    def request_memory_changed(self, reserved: int, waiting: int) -> None:
+        self.request_memory.set(reserved)
+        self.request_memory_waiting.set(waiting)
 
     def bind_profile(self, profile: Any) -> None:
         """Export how strong the profile's checks are, per modality (`vlm.profile.ModelProfile`)."""
@@ -260,11 +301,37 @@ def error_detail_from_trailers(metadata: Any) -> generation_pb2.ErrorDetail | No
     return None
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions to statuses in one place and records per-method request metrics."""
+def _drop_tracebacks(exc: BaseException) -> None:
+    """Free the frames an exception (and its causes) passed through, once it is logged.
 
-    def __init__(self, metrics: BaseMetrics | None = None) -> None:
+    The handler's frame holds the exception while it maps it, and the exception's traceback holds
+    that frame: a reference cycle that keeps the request (up to --max-message-bytes of it, and
+    whatever the domain built from it) alive until the cyclic garbage collector runs. The
+    collector counts objects, not bytes, so a burst of refused large requests would otherwise
+    pile up gigabytes (`vlm bench memory`)."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if e.__traceback__ is not None:
+            traceback.clear_frames(e.__traceback__)
+            e.__traceback__ = None
+        stack += [e.__cause__, e.__context__]
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions to statuses in one place and records per-method request metrics.
+
+    Methods with a unary request come back as client-streaming handlers that read their one
+    message under the request-memory budget (`vlm.admission`), so no message is buffered before
+    the budget admits it."""
+
+    def __init__(self, metrics: BaseMetrics | None = None, budget: RequestBudget | None = None) -> None:
         self._metrics = metrics
+        self._budget = budget or RequestBudget(1 << 62, 1)
         #: Application RPCs (not health or reflection) being handled, for graceful shutdown.
         self.in_flight = 0
         #: Set when shutdown begins: new application RPCs are refused with UNAVAILABLE.
@@ -300,17 +367,15 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         request_id = md.get("x-request-id", "-")
         # Undecodable bytes (invalid UTF-8, a corrupt wire form) become an InvalidArgument that
         # names the field, raised in the handler below, instead of grpc's bare UNKNOWN.
-        deserializer = request_deserializer(handler.request_deserializer, method)
+        parse = request_deserializer(handler.request_deserializer, method)
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method, request_id),
-                request_deserializer=deserializer,
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method, request_id, parse),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method, request_id),
-                request_deserializer=deserializer,
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method, request_id, parse),
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -330,20 +395,35 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         else:
             log.exception("%s: unexpected error", method, exc_info=exc)
             err = VlmError(f"internal error: {type(exc).__name__}: {exc}")
+        _drop_tracebacks(exc)
         context.set_trailing_metadata(error_trailers(err))
         await context.abort(err.code, err.details())
         return err.code  # unreachable: abort raises
 
-    def _wrap_unary(self, behavior, method: str, request_id: str):
-        async def wrapped(request, context):
+    # The request lives only in these two frames (not in the wrappers' below, which map errors
+    # and so outlive them in a traceback): `_drop_tracebacks` frees it once the error is logged.
+
+    async def _unary(self, behavior, context, parse):
+        async with self._budget.receive(context, parse) as request:
+            if isinstance(request, VlmError):
+                raise request
+            return await behavior(request, context)
+
+    async def _stream(self, behavior, context, parse):
+        async with self._budget.receive(context, parse) as request:
+            if isinstance(request, VlmError):
+                raise request
+            async for response in behavior(request, context):
+                yield response
+
+    def _wrap_unary(self, behavior, method: str, request_id: str, parse):
+        async def wrapped(_requests, context):
             request_id_var.set(request_id)
             started = time.monotonic()
             code = grpc.StatusCode.OK
             self._enter()
             try:
-                if isinstance(request, VlmError):
-                    raise request
-                return await behavior(request, context)
+                return await self._unary(behavior, context, parse)
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
@@ -359,16 +439,14 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapped
 
-    def _wrap_stream(self, behavior, method: str, request_id: str):
-        async def wrapped(request, context):
+    def _wrap_stream(self, behavior, method: str, request_id: str, parse):
+        async def wrapped(_requests, context):
             request_id_var.set(request_id)
             started = time.monotonic()
             code = grpc.StatusCode.OK
             self._enter()
             try:
-                if isinstance(request, VlmError):
-                    raise request
-                async for response in behavior(request, context):
+                async for response in self._stream(behavior, context, parse):
                     yield response
             except (asyncio.CancelledError, GeneratorExit):
                 code = grpc.StatusCode.CANCELLED
@@ -408,7 +486,11 @@ class GrpcApp:
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if options.security.token:
             interceptors.append(BearerAuthInterceptor(options.security.token))
-        self._errors = ErrorMappingInterceptor(metrics)
+        self._errors = ErrorMappingInterceptor(metrics, RequestBudget(
+            options.request_memory_limit, options.max_message_bytes,
+            max_waiting=options.max_waiting_rpcs, on_change=metrics.request_memory_changed,
+        ))
+        metrics.request_memory_limit.set(options.request_memory_limit)
         interceptors.append(self._errors)
         self.server = grpc.aio.server(
             interceptors=interceptors,

@@ -198,6 +198,10 @@ async def test_health_and_metrics_of_both_services(llava_pipeline) -> None:
     assert 0.0 <= m1[("vlm_kv_cache_usage_perc", ())] <= 1.0
     assert m1[("vlm_engine_healthy", ())] == 1.0
     assert any(k[0] == "vlm_build_info" for k in m1)
+    for scraped in (m1, p1):  # request memory: every message released, the default budget
+        assert scraped[("vlm_grpc_request_memory_bytes", ())] == 0
+        assert scraped[("vlm_grpc_request_memory_waiting", ())] == 0
+        assert scraped[("vlm_grpc_request_memory_limit_bytes", ())] == 8 * 64 * 1024 * 1024
     for scraped in (m1, p1):  # the profile's check strength, on both services
         assert scraped[("vlm_model_profile_field_checks", (("modality", "image"),))] == 1.0
         assert scraped[("vlm_model_profile_layout_check",

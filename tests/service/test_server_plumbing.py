@@ -130,3 +130,75 @@ async def test_graceful_stop_flips_health_and_closes() -> None:
         second = await watch.read()
         assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
     await asyncio.wait_for(serving, 5)
+
+
+class _Blocking(model_pb2_grpc.ModelServiceServicer):
+    """Generate holds its request until `release` is set."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.entered = 0
+
+    async def Generate(self, request, context):
+        self.entered += 1
+        await self.release.wait()
+        yield model_pb2.GenerateResponse(chunk=gen_pb.GenerationChunk(request_id=request.request_id))
+
+
+async def test_request_memory_budget_holds_back_messages_until_there_is_room() -> None:
+    """4 MiB messages, an 8 MiB budget: two 3 MiB requests are read and held (3 + 3 MiB), the
+    third waits unread (reading it could bring 4 MiB more), a fourth finds the waiting room
+    full and is RESOURCE_EXHAUSTED at once. Once the first two end, the third is read; every
+    admitted request completes."""
+    MiB = 1 << 20
+    options = ServerOptions(grace_s=0.5, max_message_bytes=4 * MiB,
+                            max_request_memory_bytes=8 * MiB, max_waiting_rpcs=1)
+    metrics = BaseMetrics("test")
+    servicer = _Blocking()
+    app = GrpcApp("test", options, metrics)
+    app.add_service(model_pb2_grpc.add_ModelServiceServicer_to_server, servicer, SERVICE)
+    await app.start()
+
+    def request(i: int) -> model_pb2.GenerateRequest:
+        req = model_pb2.GenerateRequest(request_id=f"r{i}")
+        req.prompt.items.add(hash="a" * (3 * MiB))
+        return req
+
+    try:
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{app.port}", options=channel_options(8 * MiB)
+        ) as ch:
+            stub = model_pb2_grpc.ModelServiceStub(ch)
+
+            async def generate(i: int) -> list[str]:
+                return [r.chunk.request_id async for r in stub.Generate(request(i))]
+
+            admitted = [asyncio.create_task(generate(i)) for i in range(2)]
+            for _ in range(200):
+                if servicer.entered == 2:
+                    break
+                await asyncio.sleep(0.01)
+            waiting = asyncio.create_task(generate(2))
+            for _ in range(200):
+                if metrics.request_memory_waiting._value.get() == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert servicer.entered == 2
+            held = metrics.request_memory._value.get()
+            assert 6 * MiB <= held < 7 * MiB  # two messages' own sizes
+            assert metrics.request_memory_limit._value.get() == 8 * MiB
+
+            loop = asyncio.get_running_loop()
+            t = loop.time()
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await generate(3)
+            assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert loop.time() - t < 0.1 and "request memory" in exc.value.details()
+
+            servicer.release.set()
+            assert await asyncio.gather(*admitted, waiting) == [["r0"], ["r1"], ["r2"]]
+            assert servicer.entered == 3
+        assert metrics.request_memory._value.get() == 0
+        assert metrics.request_memory_waiting._value.get() == 0
+    finally:
+        await app.stop(0)
