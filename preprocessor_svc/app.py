@@ -39,6 +39,7 @@ from vlm.server import GrpcApp, ServerOptions, freeze_gc_heap
 
 if TYPE_CHECKING:
     from preprocessor_svc.openai_http import OpenAIHttpServer
+    from vlm.admission import RequestBudget
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ class PreprocessorApp:
             await app.start()
             if http_port is not None:
                 http = await _start_http(config, options, metrics, replicas, http_host, http_port,
-                                         served_model_name)
+                                         served_model_name, app.request_budget)
                 app.also_stop(http.stop)
             if replicas is None:
                 preprocessor = await Preprocessor.start(config, pool)
@@ -248,6 +249,7 @@ async def _start_http(
     host: str,
     port: int,
     served_model_name: str | None,
+    budget: RequestBudget | None = None,
 ) -> OpenAIHttpServer:
     # vLLM's OpenAI protocol models import much of vLLM (seconds): off the event loop, and only
     # when the HTTP front door is on.
@@ -260,6 +262,7 @@ async def _start_http(
         max_concurrent=options.max_concurrent_rpcs,
         tokenizer_loader=lambda: openai_http.load_tokenizer(config),
         api_key=security.token, ssl_context=openai_http.ssl_context(security) if security.tls else None,
+        budget=budget,
     )
     await server.start()
     return server

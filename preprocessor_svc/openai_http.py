@@ -456,6 +456,8 @@ class FrontDoor:
     tokenizer_loader: Callable[[], Any] | None = None
     #: When set, `Authorization: Bearer <api_key>` is required on every route but /health.
     api_key: str | None = None
+    #: The gRPC server's request-memory budget (`vlm.admission.RequestBudget`), shared.
+    budget: Any = None
     gateway: Any = None  # preprocessor_svc.gateway.Gateway, attached after warm-up
     stopping: bool = False
     _token_text: TokenText | None = field(default=None, repr=False)
@@ -500,28 +502,40 @@ class FrontDoor:
         tokenizer = self.tokenizer_loader()
         return lambda ids: convert_ids_list_to_tokens(tokenizer, ids)
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def _parse_body(self, request: Request, chat: bool) -> _Parsed:
+        """Read and parse the body under the request-memory budget shared with the gRPC port
+        (`vlm.admission`): the declared length (else the limit) is held while the body arrives
+        and is parsed; until it fits, the body is left unread (uvicorn pauses the socket)."""
         limit = self.max_body_bytes
         declared = request.headers.get("content-length", "")
         too_big = f"the request body exceeds {limit} bytes"
         if declared.isdigit() and int(declared) > limit:
             raise LimitExceeded(too_big)
-        parts, size = [], 0
-        async for part in request.stream():
-            size += len(part)
-            if size > limit:
-                raise LimitExceeded(too_big)
-            parts.append(part)
-        return b"".join(parts)
+        held = 0
+        if self.budget is not None:
+            held = min(int(declared) if declared.isdigit() else limit, self.budget.limit_bytes)
+            await self.budget.reserve(held)
+        try:
+            parts, size = [], 0
+            async for part in request.stream():
+                size += len(part)
+                if size > limit:
+                    raise LimitExceeded(too_big)
+                parts.append(part)
+            body = b"".join(parts)
+            del parts
+            parse = parse_chat if chat else parse_completion
+            return await asyncio.to_thread(parse, body) if size > INLINE_PARSE_BYTES else parse(body)
+        finally:
+            if held:
+                self.budget.release(held)
 
     # -- endpoints -----------------------------------------------------------------------------
 
     async def generate(self, request: Request, chat: bool) -> Response:
         try:
             self.authorize(request)
-            body = await self._read_body(request)
-            parse = parse_chat if chat else parse_completion
-            parsed = await asyncio.to_thread(parse, body) if len(body) > INLINE_PARSE_BYTES else parse(body)
+            parsed = await self._parse_body(request, chat)
             req = parsed.request
             self.check_model(req.model)
             gateway = self._ready_gateway()
@@ -896,9 +910,10 @@ class OpenAIHttpServer:
         api_key: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         max_concurrent: int | None = None,
+        budget: Any = None,
     ) -> None:
         self.front = FrontDoor(model, served_model_name or model, replicas, max_body_bytes,
-                               tokenizer_loader, api_key)
+                               tokenizer_loader, api_key, budget)
         self.app = create_app(self.front)
         self.host = host
         self._requested_port = port

@@ -331,7 +331,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: BaseMetrics | None = None, budget: RequestBudget | None = None) -> None:
         self._metrics = metrics
-        self._budget = budget or RequestBudget(1 << 62, 1)
+        self.budget = budget or RequestBudget(1 << 62, 1)
         #: Application RPCs (not health or reflection) being handled, for graceful shutdown.
         self.in_flight = 0
         #: Set when shutdown begins: new application RPCs are refused with UNAVAILABLE.
@@ -404,13 +404,13 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     # and so outlive them in a traceback): `_drop_tracebacks` frees it once the error is logged.
 
     async def _unary(self, behavior, context, parse):
-        async with self._budget.receive(context, parse) as request:
+        async with self.budget.receive(context, parse) as request:
             if isinstance(request, VlmError):
                 raise request
             return await behavior(request, context)
 
     async def _stream(self, behavior, context, parse):
-        async with self._budget.receive(context, parse) as request:
+        async with self.budget.receive(context, parse) as request:
             if isinstance(request, VlmError):
                 raise request
             async for response in behavior(request, context):
@@ -505,6 +505,11 @@ class GrpcApp:
         self.metrics_port: int | None = None
         self._stopping = asyncio.Event()
         self._also_stop: list[Callable[[float], Awaitable[None]]] = []
+
+    @property
+    def request_budget(self) -> RequestBudget:
+        """The request-memory budget; the HTTP front door reads its bodies under it too."""
+        return self._errors.budget
 
     def add_service(self, register: Callable[[Any, grpc.aio.Server], None], servicer: Any, full_name: str) -> None:
         register(servicer, self.server)

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import ssl
+import time
 
 import httpx
 import openai
@@ -401,3 +402,43 @@ async def test_error_body_is_json_serialisable() -> None:
 
     body = json.loads(error_body(LimitExceeded("too many", field="prompt.messages")).model_dump_json())
     assert body == {"error": {"message": "too many", "type": "LIMIT_EXCEEDED", "param": "messages", "code": 413}}
+
+
+async def test_bodies_are_read_under_the_request_memory_budget() -> None:
+    """The front door shares the gRPC port's request-memory budget: a body is read only once
+    its declared length (else the body limit) fits; with the waiting room full, the next
+    request is 429 at once, and every byte is given back afterwards."""
+    from preprocessor_svc.app import _start_http
+    from preprocessor_svc.metrics import PreprocessorMetrics
+    from vlm.admission import RequestBudget
+
+    budget = RequestBudget(1 << 20, 1 << 20, max_waiting=0)
+    server = await _start_http(ProcessorConfig(model="/models/m"), ServerOptions(),
+                               PreprocessorMetrics(), None, "127.0.0.1", 0, None, budget)
+    body = {"model": "/models/m", "messages": [{"role": "user", "content": "hi"}]}
+    release = asyncio.Event()
+
+    async def slow_body():  # chunked: no declared length, so the whole budget is held
+        yield b'{"model": "/models/m", '
+        await release.wait()
+        yield b'"messages": [{"role": "user", "content": "hi"}]}'
+
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=30) as http:
+            first = asyncio.create_task(http.post("/v1/chat/completions", content=slow_body()))
+            for _ in range(500):
+                if budget.reserved:
+                    break
+                await asyncio.sleep(0.01)
+            assert budget.reserved == 1 << 20
+            t = time.monotonic()
+            full = await http.post("/v1/chat/completions", json=body)
+            assert time.monotonic() - t < 0.1
+            assert full.status_code == 429 and "request memory" in full.json()["error"]["message"]
+            release.set()
+            assert (await first).status_code == 503  # parsed, then: no gateway attached yet
+            assert budget.reserved == 0
+            after = await http.post("/v1/chat/completions", json=body)
+            assert after.status_code == 503 and budget.reserved == 0
+    finally:
+        await server.stop(1.0)
