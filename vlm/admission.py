@@ -12,7 +12,9 @@ sent, however few RPCs were let through). `vlm.server` closes this in three step
 2. Methods with a unary request are registered as client-streaming handlers, so the message is
    read by `context.read()`, and only once a `RequestBudget` reservation is granted.
 3. The reservation is the largest message the read can bring (`--max-message-bytes`) while it
-   is read, then the message's own size until the RPC ends.
+   is read, then the message's own size until the RPC answers: a unary RPC's response, a
+   streaming RPC's first message (by then the request has been turned into work that other
+   limits bound: the preprocessing queue, the engine's, the feature store's bytes).
 
 Waiting RPCs hold one HTTP/2 window each, no message. Beyond `max_waiting` of them a new RPC is
 RESOURCE_EXHAUSTED at once; an RPC whose peer is gone or whose deadline passes while it waits
@@ -108,11 +110,12 @@ class RequestBudget:
     @asynccontextmanager
     async def receive(
         self, context: grpc.aio.ServicerContext, parse: Callable[[bytes], Any] | None
-    ) -> AsyncIterator[Any]:
-        """Read the RPC's one request message under a reservation, parse it, and hold its size
-        until the block ends (the handler has returned or its stream has ended)."""
+    ) -> AsyncIterator[Received]:
+        """Read the RPC's one request message under a reservation and parse it. The message's
+        size stays held until `Received.release()` (a streaming RPC's first response) or the
+        end of the block (the handler has returned)."""
         await self.reserve(self.message_bytes)
-        held = self.message_bytes
+        held = Received(self, self.message_bytes)
         try:
             try:
                 async with asyncio.timeout(self.receive_timeout_s):
@@ -123,11 +126,35 @@ class RequestBudget:
                 ) from None
             if raw is grpc.aio.EOF:
                 raise InvalidArgument("the request carries no message", field="request")
-            size = len(raw)
-            self.release(held - size)
-            held = size
-            request = raw if parse is None else parse(raw)
+            held.shrink(len(raw))
+            held.request = raw if parse is None else parse(raw)
             del raw
-            yield request
+            yield held
         finally:
-            self.release(held)
+            held.release()
+
+
+class Received:
+    """A request read under a `RequestBudget`, and the bytes it holds there."""
+
+    __slots__ = ("_budget", "_held", "request")
+
+    def __init__(self, budget: RequestBudget, held: int) -> None:
+        self._budget = budget
+        self._held = held
+        self.request: Any = None
+
+    def shrink(self, size: int) -> None:
+        self._budget.release(self._held - size)
+        self._held = size
+
+    def take(self) -> Any:
+        """The request, handed over (this object keeps no reference to it)."""
+        request, self.request = self.request, None
+        return request
+
+    def release(self) -> None:
+        """Give the bytes back; idempotent."""
+        if self._held:
+            self._budget.release(self._held)
+            self._held = 0

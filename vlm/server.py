@@ -94,7 +94,7 @@ class ServerOptions:
     #: requests can pin: about max_concurrent_rpcs × max_message_bytes at worst.
     max_message_bytes: int = 64 * 1024 * 1024
     #: Bytes of request messages held at once (`vlm.admission.RequestBudget`): an RPC reserves
-    #: `max_message_bytes` while its message arrives, then the message's size until it ends.
+    #: `max_message_bytes` while its message arrives, then the message's size until it answers.
     #: None: 8 × `max_message_bytes`.
     max_request_memory_bytes: int | None = None
     #: RPCs waiting for request memory, beyond which RESOURCE_EXHAUSTED at once.
@@ -168,7 +168,7 @@ def add_server_args(
     group.add_argument("--max-request-memory-bytes", type=int, default=0,
                        help="bytes of request messages held at once: an RPC reserves "
                             "--max-message-bytes while its message arrives, then the message's "
-                            "size until it ends; others wait (0: 8 × --max-message-bytes)")
+                            "size until it answers; others wait (0: 8 × --max-message-bytes)")
     group.add_argument("--max-concurrent-rpcs", type=int, default=max_concurrent_rpcs,
                        help="RPCs at once, beyond which RESOURCE_EXHAUSTED (0: unbounded, the "
                             "default)")
@@ -223,7 +223,7 @@ class BaseMetrics:
         self.request_memory = Gauge(
             f"{METRICS_PREFIX}_grpc_request_memory_bytes",
             "Bytes of request messages held by RPCs in flight: the largest message while one "
-            "arrives, then its size until the RPC ends.",
+            "arrives, then its size until the RPC answers (a stream: its first message).",
             registry=self.registry,
         )
         self.request_memory_limit = Gauge(
@@ -404,16 +404,17 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     # and so outlive them in a traceback): `_drop_tracebacks` frees it once the error is logged.
 
     async def _unary(self, behavior, context, parse):
-        async with self.budget.receive(context, parse) as request:
-            if isinstance(request, VlmError):
-                raise request
-            return await behavior(request, context)
+        async with self.budget.receive(context, parse) as received:
+            if isinstance(received.request, VlmError):
+                raise received.take()
+            return await behavior(received.take(), context)
 
     async def _stream(self, behavior, context, parse):
-        async with self.budget.receive(context, parse) as request:
-            if isinstance(request, VlmError):
-                raise request
-            async for response in behavior(request, context):
+        async with self.budget.receive(context, parse) as received:
+            if isinstance(received.request, VlmError):
+                raise received.take()
+            async for response in behavior(received.take(), context):
+                received.release()  # answered: the request is work that other limits bound
                 yield response
 
     def _wrap_unary(self, behavior, method: str, request_id: str, parse):

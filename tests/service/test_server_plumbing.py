@@ -133,23 +133,27 @@ async def test_graceful_stop_flips_health_and_closes() -> None:
 
 
 class _Blocking(model_pb2_grpc.ModelServiceServicer):
-    """Generate holds its request until `release` is set."""
+    """Generate answers once `release` is set, and ends once `finish` is."""
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
+        self.finish = asyncio.Event()
         self.entered = 0
 
     async def Generate(self, request, context):
         self.entered += 1
         await self.release.wait()
         yield model_pb2.GenerateResponse(chunk=gen_pb.GenerationChunk(request_id=request.request_id))
+        await self.finish.wait()
+        yield model_pb2.GenerateResponse(chunk=gen_pb.GenerationChunk(request_id="end"))
 
 
 async def test_request_memory_budget_holds_back_messages_until_there_is_room() -> None:
     """4 MiB messages, an 8 MiB budget: two 3 MiB requests are read and held (3 + 3 MiB), the
     third waits unread (reading it could bring 4 MiB more), a fourth finds the waiting room
-    full and is RESOURCE_EXHAUSTED at once. Once the first two end, the third is read; every
-    admitted request completes."""
+    full and is RESOURCE_EXHAUSTED at once. Once the first two answer (their first message),
+    their bytes are given back and the third is read, while all three streams are still open;
+    every admitted request completes."""
     MiB = 1 << 20
     options = ServerOptions(grace_s=0.5, max_message_bytes=4 * MiB,
                             max_request_memory_bytes=8 * MiB, max_waiting_rpcs=1)
@@ -196,8 +200,14 @@ async def test_request_memory_budget_holds_back_messages_until_there_is_room() -
             assert loop.time() - t < 0.1 and "request memory" in exc.value.details()
 
             servicer.release.set()
-            assert await asyncio.gather(*admitted, waiting) == [["r0"], ["r1"], ["r2"]]
-            assert servicer.entered == 3
+            for _ in range(200):
+                if servicer.entered == 3 and metrics.request_memory._value.get() == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert servicer.entered == 3 and metrics.request_memory._value.get() == 0
+            assert not any(t.done() for t in (*admitted, waiting))  # streams still open
+            servicer.finish.set()
+            assert await asyncio.gather(*admitted, waiting) == [["r0", "end"], ["r1", "end"], ["r2", "end"]]
         assert metrics.request_memory._value.get() == 0
         assert metrics.request_memory_waiting._value.get() == 0
     finally:
