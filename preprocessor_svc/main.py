@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preprocessing worker processes (0 = in-process thread)")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op threads per worker process (scale out with --workers)")
+    p.add_argument("--worker-depth", type=int, default=PoolConfig.worker_depth,
+                   help="requests handed to each worker at once: with 2 the next one is already "
+                        "in its pipe when it finishes one (throughput); 1 sends a request only to "
+                        "an idle worker (no short request queued behind a long video)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a worker before RESOURCE_EXHAUSTED")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -108,6 +112,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[ProcessorConfig, PoolCon
         workers=args.workers,
         max_queue=args.max_queue,
         torch_threads=args.torch_threads,
+        worker_depth=args.worker_depth,
         request_timeout_s=args.request_timeout,
     )
     return processor, pool

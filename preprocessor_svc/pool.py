@@ -9,9 +9,10 @@ Each worker is a process started with `forkserver` (default; vLLM is imported on
 fork server, which is a fresh single-threaded process) or `spawn` — never `fork`: torch and vLLM
 are not fork-safe once this process has threads. Each worker builds its
 `processing.Processor` once (vLLM config, tokenizer, HF processor, processor cache, model
-profile), processes a dummy image, and then serves requests one at a time over a pipe. The event
-loop never runs CPU work: requests wait (FIFO) for an idle worker, and a helper thread per busy
-worker does the blocking pipe I/O. At most `max_queue` requests wait; beyond that
+profile), processes a dummy image, and then serves requests in order over a pipe. The event
+loop never runs CPU work: a request goes to the least-loaded worker with room (each holds up to
+`worker_depth` requests, so the next is already in its pipe when it finishes one) or waits
+(FIFO), and helper threads do the blocking pipe I/O. At most `max_queue` requests wait; beyond that
 `ResourceExhausted` is raised at once. A worker that dies or exceeds `request_timeout_s` is
 replaced in the background; its request fails with `Unavailable` (retryable).
 
@@ -27,6 +28,7 @@ the same encode step.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import multiprocessing
@@ -65,6 +67,10 @@ class PoolConfig:
     #: thread each leaves the cores to the other workers, the event loop and (on a shared host)
     #: the engine; measured on 2 cores, 2 threads per worker were slower, not faster.
     torch_threads: int = 1
+    #: Requests handed to each worker process at once. With 2, a worker's next request is
+    #: already in its pipe when it finishes one, so it never idles while this process collects
+    #: the result and sends more; the deadline below counts from the worker's turn.
+    worker_depth: int = 2
     #: Per-request processing deadline in a worker process (the worker is restarted after it).
     request_timeout_s: float | None = 120.0
     startup_timeout_s: float = 600.0
@@ -81,6 +87,8 @@ class PoolConfig:
             raise ValueError("max_queue must be >= 0")
         if self.torch_threads < 1:
             raise ValueError("torch_threads must be >= 1")
+        if self.worker_depth < 1:
+            raise ValueError("worker_depth must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -208,6 +216,15 @@ class _ProcessWorker:
         self._abort = threading.Event()
         self.proc: Any = None
         self.conn: Any = None
+        self.depth = pool.worker_depth
+        #: Bumped at each start: calls of an earlier process fail instead of reading this one's.
+        self.generation = 0
+        # Requests go down the pipe in ticket order and replies come back in the same order;
+        # each call reads its own reply when its ticket's turn comes.
+        self._send_lock = threading.Lock()
+        self._turn = threading.Condition()
+        self._sent = 0
+        self._answered = 0
 
     def abort(self) -> None:
         """Make a start() in progress (e.g. a restart) give up; used by close()."""
@@ -249,17 +266,34 @@ class _ProcessWorker:
             _kill(proc)
             parent.close()
             raise RuntimeError(f"preprocessor worker {self.index} failed to start: {msg[1].message}")
-        self.proc, self.conn = proc, parent
+        with self._turn:
+            self.proc, self.conn = proc, parent
+            self.generation += 1
+            self._sent = self._answered = 0
+            self._turn.notify_all()
         return msg[1], msg[2]
 
     def call(self, prompt: PromptInput, kwargs: Mapping[str, Any] | None) -> tuple:
-        """Run one request (blocking; called on a helper thread); see `_run`."""
+        """Run one request (blocking; called on a helper thread, up to `depth` at once); see
+        `_run`."""
         timeout = self.pool.request_timeout_s
-        proc, conn = self.proc, self.conn  # stop() (close, timeout) may clear the attributes
-        if proc is None or conn is None:
-            raise _WorkerLost(f"worker {self.index} is not running")
+        with self._send_lock:
+            # stop() (close, timeout) may clear the attributes: one consistent snapshot.
+            proc, conn, generation = self.proc, self.conn, self.generation
+            if proc is None or conn is None:
+                raise _WorkerLost(f"worker {self.index} is not running")
+            try:
+                conn.send((prompt, dict(kwargs) if kwargs else None))
+            except (OSError, ValueError) as e:
+                raise _WorkerLost(f"lost the connection to worker {self.index}: {e}") from None
+            ticket = self._sent
+            self._sent += 1
+        with self._turn:
+            while self._answered != ticket and self.generation == generation:
+                self._turn.wait(0.25)
+            if self.generation != generation:
+                raise _WorkerLost(f"worker {self.index} was restarted")
         try:
-            conn.send((prompt, dict(kwargs) if kwargs else None))
             deadline = None if timeout is None else time.monotonic() + timeout
             while not conn.poll(0.25):
                 if not proc.is_alive():
@@ -276,6 +310,11 @@ class _ProcessWorker:
             full = [conn.recv_bytes() for _ in items]
         except (EOFError, OSError, ValueError) as e:  # ValueError: a closed Connection
             raise _WorkerLost(f"lost the connection to worker {self.index}: {e}") from None
+        finally:
+            with self._turn:
+                if self.generation == generation:
+                    self._answered += 1
+                self._turn.notify_all()
         encoded = EncodedPrompt(
             head, tuple(EncodedItem(h, f, bare) for (h, bare), f in zip(items, full, strict=True))
         )
@@ -305,6 +344,8 @@ class _InlineWorker:
     """workers=0: the processor lives in this process and runs on one helper thread."""
 
     index = -1
+    depth = 1
+    generation = 1
 
     def __init__(self, config: ProcessorConfig) -> None:
         self.config = config
@@ -348,9 +389,14 @@ class Preprocessor:
         self.config = config
         self.pool = pool
         self._workers: list[_ProcessWorker | _InlineWorker] = []
-        self._idle: asyncio.Queue[Any] = asyncio.Queue()
+        #: Requests each worker holds now; a worker being restarted is in `_down`.
+        self._load: dict[int, int] = {}
+        self._down: set[int] = set()
+        #: Requests waiting for a worker, first come first served.
+        self._waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._threads = ThreadPoolExecutor(
-            max_workers=max(1, pool.workers), thread_name_prefix="vlm-preprocessor-io"
+            max_workers=max(1, pool.workers * pool.worker_depth),
+            thread_name_prefix="vlm-preprocessor-io",
         )
         self._profile: ModelProfile | None = None
         self._closed = False
@@ -381,8 +427,7 @@ class Preprocessor:
             raise failures[0]
         self._profile = results[0][0]
         self.build_seconds = [r[1] for r in results]
-        for w in self._workers:
-            self._idle.put_nowait(w)
+        self._load = {w.index: 0 for w in self._workers}
         return self
 
     async def __aenter__(self) -> Preprocessor:
@@ -425,25 +470,23 @@ class Preprocessor:
         except VlmError:
             self._failed += 1
             raise
-        if self._idle.empty() and self._waiting >= self.pool.max_queue:
-            self._rejected += 1
-            raise ResourceExhausted(
-                f"the preprocessing queue is full ({self._waiting} requests waiting for "
-                f"{len(self._workers)} workers); retry later"
-            )
         t0 = time.perf_counter()
-        self._waiting += 1
-        try:
-            worker = await self._idle.get()
-        finally:
-            self._waiting -= 1
-        if worker is None:  # woken by close()
-            raise Unavailable("the preprocessor is shutting down")
+        worker = None if self._waiters else self._least_loaded()
+        if worker is not None:
+            self._load[worker.index] += 1
+        else:
+            if self._waiting >= self.pool.max_queue:
+                self._rejected += 1
+                raise ResourceExhausted(
+                    f"the preprocessing queue is full ({self._waiting} requests waiting for "
+                    f"{len(self._workers)} workers); retry later"
+                )
+            worker = await self._wait_for_worker()
         queue_s = time.perf_counter() - t0
         loop = asyncio.get_running_loop()
         self._in_flight += 1
         fut = loop.run_in_executor(self._threads, worker.call, prompt, processor_kwargs)
-        fut.add_done_callback(partial(self._on_done, worker))
+        fut.add_done_callback(partial(self._on_done, worker, worker.generation))
         try:
             encoded, metrics, encode_s = await asyncio.shield(fut)
         except _WorkerLost as e:
@@ -483,8 +526,10 @@ class Preprocessor:
             w.abort()
         for task in list(self._restart_tasks):
             task.cancel()
-        for _ in range(self._waiting):
-            self._idle.put_nowait(None)
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
         await asyncio.to_thread(self._stop_all)
         self._threads.shutdown(wait=False, cancel_futures=True)
 
@@ -495,17 +540,65 @@ class Preprocessor:
             with contextlib.suppress(Exception):
                 w.stop()
 
-    def _on_done(self, worker: Any, fut: asyncio.Future[Any]) -> None:
+    def _least_loaded(self) -> Any:
+        """The running worker holding the fewest requests, if it has room for one more."""
+        best = None
+        for w in self._workers:
+            if w.index in self._down or self._load[w.index] >= w.depth:
+                continue
+            if best is None or self._load[w.index] < self._load[best.index]:
+                best = w
+        return best
+
+    async def _wait_for_worker(self) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self._waiting += 1
+        try:
+            worker = await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.result() is not None:
+                self._give_back(fut.result())  # granted just as the waiter was cancelled
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+            raise
+        finally:
+            self._waiting -= 1
+        if worker is None:  # woken by close()
+            raise Unavailable("the preprocessor is shutting down")
+        return worker
+
+    def _give_back(self, worker: Any) -> None:
+        """One request's room on `worker` is free again: hand it to the first waiter."""
+        self._load[worker.index] -= 1
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self._waiters and not self._closed:
+            worker = self._least_loaded()
+            if worker is None:
+                return
+            fut = self._waiters.popleft()
+            if fut.done():
+                continue
+            self._load[worker.index] += 1
+            fut.set_result(worker)
+
+    def _on_done(self, worker: Any, generation: int, fut: asyncio.Future[Any]) -> None:
         self._in_flight -= 1
+        self._load[worker.index] -= 1
         exc = None if fut.cancelled() else fut.exception()
-        if isinstance(exc, _WorkerLost) and not self._closed:
+        if (isinstance(exc, _WorkerLost) and not self._closed and worker.index not in self._down
+                and worker.generation == generation):
             logger.warning("%s; restarting it", exc)
+            self._down.add(worker.index)
             self._restarting += 1
             task = asyncio.get_running_loop().create_task(self._restart(worker))
             self._restart_tasks.add(task)
             task.add_done_callback(self._restart_tasks.discard)
-        elif not self._closed:
-            self._idle.put_nowait(worker)
+        else:
+            self._dispatch()
 
     async def _restart(self, worker: _ProcessWorker) -> None:
         delay = 1.0
@@ -522,8 +615,8 @@ class Preprocessor:
                 self._restarts += 1
                 if self._closed:
                     await asyncio.to_thread(worker.stop)
-                else:
-                    self._idle.put_nowait(worker)
                 return
         finally:
             self._restarting -= 1
+            self._down.discard(worker.index)
+            self._dispatch()

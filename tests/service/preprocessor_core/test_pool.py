@@ -16,7 +16,7 @@ from preprocessor_svc.processing import ProcessorConfig
 from tests.service.preprocessor_core.conftest import assert_matches_reference
 from tests.unit.preprocessor.samples import image_bytes
 from vlm.errors import InvalidArgument, InvalidMedia, ResourceExhausted, Unavailable
-from vlm.types import Media, Modality, PromptInput
+from vlm.types import Media, Modality, Prompt, PromptInput
 
 IMG_A = image_bytes(64, 48, seed=11)
 IMG_B = image_bytes(32, 80, seed=12)
@@ -98,7 +98,7 @@ async def test_event_loop_not_blocked(pool):
 async def test_dead_worker_is_replaced(pool):
     """A worker killed mid-service fails its request with Unavailable (retryable) and is
     replaced in the background."""
-    victim = pool._idle._queue[0]  # the next worker to get a request
+    victim = pool._least_loaded()  # the next worker to get a request
     os.kill(victim.proc.pid, signal.SIGKILL)
     victim.proc.join(10)
     with pytest.raises(Unavailable):
@@ -169,3 +169,38 @@ async def test_close_refuses_and_wakes_waiters(tiny_model):
     assert any(isinstance(r, Unavailable) for r in results)
     with pytest.raises(Unavailable):
         await pre.preprocess(request(IMG_A))
+
+
+async def test_each_worker_holds_two_requests_and_a_death_restarts_it_once(tiny_model):
+    """worker_depth=2: with one worker, two requests are in its hands at once (the second
+    already in its pipe) and the rest wait. A worker killed with two requests outstanding
+    fails what it had not answered with Unavailable, and is restarted once, not per request."""
+    pre = await Preprocessor.start(
+        ProcessorConfig(model=str(tiny_model("llava")), warmup=False, cache_bytes=0),
+        PoolConfig(workers=1, max_queue=8),
+    )
+    try:
+        imgs = [image_bytes(1024, 768, seed=300 + i) for i in range(4)]
+        tasks = [asyncio.create_task(pre.preprocess_detailed(request(d))) for d in imgs]
+        await asyncio.sleep(0)
+        s = pre.stats()
+        assert (s.in_flight, s.queue_depth) == (2, 2)
+        assert [r.worker for r in await asyncio.gather(*tasks)] == [0, 0, 0, 0]
+
+        victim = pre._workers[0]
+        tasks = [asyncio.create_task(pre.preprocess(request(d))) for d in imgs[:2]]
+        await asyncio.sleep(0)
+        assert pre.stats().in_flight == 2
+        os.kill(victim.proc.pid, signal.SIGKILL)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, Prompt | Unavailable) for r in results), results
+        assert isinstance(results[-1], Unavailable), results
+        deadline = time.monotonic() + 120
+        while pre.stats().workers_ready < 1:
+            assert time.monotonic() < deadline, "the worker was not replaced"
+            await asyncio.sleep(0.2)
+        assert pre.stats().worker_restarts_total == 1
+        assert (await pre.preprocess_detailed(request(imgs[0]))).worker == 0
+        assert pre.stats().in_flight == 0
+    finally:
+        await pre.close()
