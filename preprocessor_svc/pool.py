@@ -12,8 +12,7 @@ are not fork-safe once this process has threads. Each worker builds its
 profile), processes a dummy image, and then serves requests in order over a pipe. The event
 loop never runs CPU work: a request goes to the least-loaded worker with room (each holds up to
 `worker_depth` requests, so the next is already in its pipe when it finishes one) or waits
-(FIFO), and helper threads do the blocking pipe I/O. In the worker, replies leave from their
-own thread, so a large result draining into this process does not hold up the next request. At most `max_queue` requests wait; beyond that
+(FIFO), and helper threads do the blocking pipe I/O. At most `max_queue` requests wait; beyond that
 `ResourceExhausted` is raised at once. A worker that dies or exceeds `request_timeout_s` is
 replaced in the background; its request fails with `Unavailable` (retryable).
 
@@ -33,7 +32,6 @@ import collections
 import contextlib
 import logging
 import multiprocessing
-import queue
 import threading
 import time
 from collections.abc import Mapping
@@ -157,48 +155,31 @@ def _worker_main(config: ProcessorConfig, threads: int, conn: Any, index: int) -
         with contextlib.suppress(Exception):
             conn.send(("failed", _as_vlm_error(e)))
         return
-    # Replies leave from their own thread, in order: the next request (already in the pipe,
-    # `worker_depth`) is processed while this one's bytes drain into the parent's reader.
-    replies: queue.SimpleQueue[tuple[Any, list[bytes]] | None] = queue.SimpleQueue()
-    sender = threading.Thread(target=_send_replies, args=(conn, replies), name="vlm-replies",
-                              daemon=True)
-    sender.start()
-    try:
-        while True:
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                return  # parent gone
-            if msg is None:
-                return
-            prompt, kwargs = msg
-            try:
-                encoded, metrics, encode_s = _run(processor, prompt, kwargs)
-            except Exception as e:  # noqa: BLE001
-                if not isinstance(e, VlmError):
-                    logger.exception("preprocessing failed in worker %d", index)
-                replies.put((("error", _as_vlm_error(e)), []))
-            else:
-                # The items' bytes follow the pickled header as raw messages (send_bytes
-                # writes a large buffer as it is; pickling would copy it first).
-                header = (encoded.head, [(it.hash, it.bare) for it in encoded.items], metrics,
-                          encode_s)
-                replies.put((("ok", header), [it.full for it in encoded.items]))
-            del msg, prompt, kwargs
-    finally:
-        replies.put(None)
-        sender.join(5.0)
-
-
-def _send_replies(conn: Any, replies: queue.SimpleQueue) -> None:
-    while (item := replies.get()) is not None:
-        reply, blobs = item
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return  # parent gone
+        if msg is None:
+            return
+        prompt, kwargs = msg
+        try:
+            encoded, metrics, encode_s = _run(processor, prompt, kwargs)
+        except Exception as e:  # noqa: BLE001
+            if not isinstance(e, VlmError):
+                logger.exception("preprocessing failed in worker %d", index)
+            reply, blobs = ("error", _as_vlm_error(e)), []
+        else:
+            # The items' bytes follow the pickled header as raw messages (send_bytes writes a
+            # large buffer as it is; pickling would copy it first).
+            header = (encoded.head, [(it.hash, it.bare) for it in encoded.items], metrics, encode_s)
+            reply, blobs = ("ok", header), [it.full for it in encoded.items]
         try:
             conn.send(reply)
             for blob in blobs:
                 conn.send_bytes(blob)
         except (BrokenPipeError, OSError):
-            return  # parent gone: the main loop sees it too
+            return
 
 
 class _WorkerLost(Exception):
