@@ -22,7 +22,8 @@ Measured in one process, one after another:
 2. **baseline as vLLM calls it** (Qwen2-VL): the same call plus `do_rescale=False,
    do_normalize=False`, which vLLM 0.32 adds (it normalises Qwen2-VL pixels on the device, so
    its processor returns uint8 and does less CPU work); the service is also compared to it;
-3. **service**: `PreprocessorApp` on loopback with `workers=1` and `workers=2`, driven by
+3. **service**: `PreprocessorApp` on loopback with `workers=1` and `workers=2`, each at
+   `--worker-depth` 1 (the default) and 2 (pipelined), driven by
    `PreprocessorClient.preprocess` with 2×workers requests in flight, one distinct JPEG per
    request (a pool cycled once exhausted; `cache_bytes=0`, so no processor-cache hits).
 
@@ -86,6 +87,8 @@ class Settings:
     #: Baseline measured before and after the service runs (2) or once (1).
     baseline_runs: int
     workers: tuple[int, ...] = (1, 2)
+    #: `--worker-depth` values measured for each worker count (1: the default; 2: pipelined).
+    depths: tuple[int, ...] = (1, 2)
     in_flight_per_worker: int = 2
     image_size: tuple[int, int] = (1024, 768)
     jpeg_quality: int = 90
@@ -295,7 +298,7 @@ def _breakdown(records: list[Any], latencies: list[float]) -> dict[str, Any]:
 
 
 async def service_run(
-    model_dir: Path, prompt: str, jpegs: list[bytes], workers: int, s: Settings
+    model_dir: Path, prompt: str, jpegs: list[bytes], workers: int, s: Settings, depth: int = 1
 ) -> dict[str, Any]:
     from preprocessor_svc.app import PreprocessorApp
     from preprocessor_svc.pool import PoolConfig
@@ -305,7 +308,8 @@ async def service_run(
     from vlm.types import Media, Modality, PromptInput
 
     config = ProcessorConfig(model=str(model_dir), max_model_len=MAX_MODEL_LEN, cache_bytes=0)
-    pool = PoolConfig(workers=workers, max_queue=max(64, 4 * workers * s.in_flight_per_worker))
+    pool = PoolConfig(workers=workers, max_queue=max(64, 4 * workers * s.in_flight_per_worker),
+                      worker_depth=depth)
     metrics = _recording_metrics()
     t0 = time.perf_counter()
     app = await PreprocessorApp.start(config, pool, ServerOptions(metrics_port=None, grace_s=0.5), metrics)
@@ -348,6 +352,7 @@ async def service_run(
         await app.close()
     return {
         "workers": workers,
+        "worker_depth": depth,
         "in_flight": in_flight,
         "start_s": start_s,
         "worker_build_s": list(app.preprocessor.build_seconds),
@@ -379,9 +384,11 @@ async def _family_run(fam: Family, root: Path, jpegs: list[bytes], s: Settings) 
     log(f"{fam.key}: HF in-process {baselines[0]['images_per_s']:.1f} img/s")
     services = []
     for w in s.workers:
-        r = await service_run(model_dir, fam.prompt, jpegs, w, s)
-        log(f"{fam.key}: service workers={w} {r['images_per_s']:.1f} img/s (start {r['start_s']:.1f}s)")
-        services.append(r)
+        for depth in s.depths:
+            r = await service_run(model_dir, fam.prompt, jpegs, w, s, depth)
+            log(f"{fam.key}: service workers={w} depth={depth} {r['images_per_s']:.1f} img/s "
+                f"(start {r['start_s']:.1f}s)")
+            services.append(r)
     if s.baseline_runs > 1:
         baselines.append(hf_run(proc, fam.prompt, jpegs, s, start=len(jpegs) // 2))
         log(f"{fam.key}: HF in-process (again) {baselines[-1]['images_per_s']:.1f} img/s")
@@ -448,7 +455,8 @@ def render_markdown(data: dict[str, Any]) -> str:
             ])
         for r in fam["service"]:
             rows.append([
-                fam["label"], "preprocessor service, gRPC", r["workers"], r["in_flight"],
+                fam["label"], f"preprocessor service, gRPC, --worker-depth {r.get('worker_depth', 1)}",
+                r["workers"], r["in_flight"],
                 fmt(r["images_per_s"]), fmt(r["latency"]["p50_ms"]), fmt(r["latency"]["p95_ms"]),
                 fmt_ratio(r["ratio_vs_hf"]), fmt_ratio(r["ratio_vs_hf_as_vllm"]),
             ])
@@ -464,7 +472,8 @@ def render_markdown(data: dict[str, Any]) -> str:
             bd = r["breakdown"]
             pv = r["fields"].get("pixel_values", {})
             rows.append([
-                fam["label"], r["workers"], fmt(bd["queue_ms_p50"]), fmt(bd["decode_ms_p50"]),
+                fam["label"], f"{r['workers']} (depth {r.get('worker_depth', 1)})",
+                fmt(bd["queue_ms_p50"]), fmt(bd["decode_ms_p50"]),
                 fmt(bd["vllm_process_ms_p50"]), fmt(bd["worker_total_ms_p50"]), fmt(bd.get("rest_ms_p50")),
                 f"{fmt((bd['feature_bytes_per_image'] or 0) / 2**20, 2)} "
                 f"({str(pv.get('dtype', '?')).removeprefix('torch.')})",

@@ -46,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op threads per worker process (scale out with --workers)")
     p.add_argument("--worker-depth", type=int, default=PoolConfig.worker_depth,
-                   help="requests handed to each worker at once: with 2 the next one is already "
-                        "in its pipe when it finishes one (throughput); 1 sends a request only to "
-                        "an idle worker (no short request queued behind a long video)")
+                   help="requests handed to each worker at once (default 1: only to an idle "
+                        "worker, for latency); 2 pipelines, its next request already in its pipe "
+                        "when it finishes one, for preprocessing throughput")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a worker before RESOURCE_EXHAUSTED")
     p.add_argument("--max-model-len", type=int, default=None)

@@ -172,12 +172,12 @@ async def test_close_refuses_and_wakes_waiters(tiny_model):
 
 
 async def test_each_worker_holds_two_requests_and_a_death_restarts_it_once(tiny_model):
-    """worker_depth=2: with one worker, two requests are in its hands at once (the second
+    """--worker-depth 2: with one worker, two requests are in its hands at once (the second
     already in its pipe) and the rest wait. A worker killed with two requests outstanding
     fails what it had not answered with Unavailable, and is restarted once, not per request."""
     pre = await Preprocessor.start(
         ProcessorConfig(model=str(tiny_model("llava")), warmup=False, cache_bytes=0),
-        PoolConfig(workers=1, max_queue=8),
+        PoolConfig(workers=1, max_queue=8, worker_depth=2),
     )
     try:
         imgs = [image_bytes(1024, 768, seed=300 + i) for i in range(4)]
