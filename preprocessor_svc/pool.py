@@ -406,7 +406,6 @@ class Preprocessor:
         self._restart_tasks: set[asyncio.Task[None]] = set()
         self._waiting = 0
         self._in_flight = 0
-        self._restarting = 0
         self.build_seconds: list[float] = []
         self._requests = self._succeeded = self._failed = self._rejected = self._restarts = 0
         self._cache_bytes: dict[int, int] = {}
@@ -509,7 +508,7 @@ class Preprocessor:
     def stats(self) -> PoolStats:
         return PoolStats(
             workers=len(self._workers),
-            workers_ready=len(self._workers) - self._restarting,
+            workers_ready=len(self._workers) - len(self._down),
             queue_depth=self._waiting,
             in_flight=self._in_flight,
             max_queue=self.pool.max_queue,
@@ -596,7 +595,6 @@ class Preprocessor:
                 and worker.generation == generation):
             logger.warning("%s; restarting it", exc)
             self._down.add(worker.index)
-            self._restarting += 1
             task = asyncio.get_running_loop().create_task(self._restart(worker))
             self._restart_tasks.add(task)
             task.add_done_callback(self._restart_tasks.discard)
@@ -620,6 +618,5 @@ class Preprocessor:
                     await asyncio.to_thread(worker.stop)
                 return
         finally:
-            self._restarting -= 1
             self._down.discard(worker.index)
             self._dispatch()
