@@ -10,8 +10,9 @@ system at N=1, then every system at N=4; round 2: the same; ...), because the ma
 * **vllm_serve**: `python -m vllm.entrypoints.openai.api_server`, driven with the `openai` SDK
   (`stream=True`, chat messages, the image as a `data:image/jpeg;base64,...` URL). What users
   run instead.
-* **pair**: `python -m model_svc.main` and `python -m preprocessor_svc.main --workers 1`,
-  started at the same time (as compose does), driven with `PreprocessorClient.generate`.
+* **pair**: `python -m model_svc.main` and `python -m preprocessor_svc.main --workers 1
+  --cpus LAST` (LAST: the last CPU, the one vLLM's CPU backend leaves to processes other than its
+  worker), started at the same time (as compose does), driven with `PreprocessorClient.generate`.
 * **model_direct**: the pair's model service alone: every benchmark image is preprocessed once
   by the pair's preprocessor beforehand, and the resulting `Prompt`s go straight to
   `ModelClient.generate(..., hash_only=False)`.
@@ -20,6 +21,8 @@ system at N=1, then every system at N=4; round 2: the same; ...), because the ma
   token IDs + `MultimodalInputs` (`bench.vllm_grpc_client`).
 
 The clients of vllm_serve, pair, model_direct and vllm_grpc run in this (the driver) process.
+While one system starts, warms up or runs a round, every other system's processes are frozen
+(SIGSTOP; `--no-freeze` leaves them running), as users run one system per machine.
 Engine settings are the same everywhere: tiny LLaVA, `enforce_eager`, float32,
 `max_model_len=2048`, seed 0, `VLLM_CPU_KVCACHE_SPACE=1`, vLLM's default multiprocess engine.
 Requests: greedy, `ignore_eos`, 32 tokens, one distinct 1024×768 JPEG each (the same images, in
@@ -84,6 +87,11 @@ class Settings:
     #: after its last message, and on CPU every engine pins its worker to the same core: without
     #: the pause, a round would share the CPU with the previous system's spinning engine.
     gap_s: float | None = None
+    #: SIGSTOP every other system's processes while one system starts, warms up or runs a round
+    #: (SIGCONT before its turn). Users run one system per machine: without this, the idle
+    #: systems' vLLM workers (all pinned to the same core) and their polling threads take CPU
+    #: time from the system being measured, and the more processes a system has, the more it loses.
+    freeze_idle: bool = True
     image_size: tuple[int, int] = (1024, 768)
 
     def images_per_set(self) -> int:
@@ -357,6 +365,21 @@ async def _run_systems(s: Settings, ctx: dict[str, Any], wanted: list[str], data
         wanted = [w for w in wanted if w != "model_direct"]
         results["model_direct"] = {"skipped": "needs the pair"}
     order = [w for w in ALL_SYSTEMS if w in wanted]
+
+    def only(active: str | None) -> None:
+        """Let the processes of `active` run and (with freeze_idle) freeze every other system's."""
+        keep = {id(g) for g in systems[active].cpu_groups} if active else set()
+        groups = {id(g): g for sysm in systems.values() for g in sysm.cpu_groups}
+        for gid, g in groups.items():
+            if gid in keep or not s.freeze_idle:
+                g.resume()
+            else:
+                g.pause()
+
+    def resume_all() -> None:
+        for g in {id(g): g for sysm in systems.values() for g in sysm.cpu_groups}.values():
+            g.resume()
+
     try:
         # 1. Start each system alone and wait until it is ready (startup timed without company).
         for name in order:
@@ -364,6 +387,7 @@ async def _run_systems(s: Settings, ctx: dict[str, Any], wanted: list[str], data
                 continue
             cls = {"inproc": InprocSystem, "vllm_serve": VllmServeSystem, "pair": PairSystem}.get(name)
             system = cls(ctx) if cls else VllmGrpcSystem(ctx, prompts)
+            only(None)  # the systems started so far stay frozen while this one starts
             systems[name] = system
             log(f"model: starting {name} (logs: {system.log_path('*')})")
             system.start()
@@ -385,6 +409,7 @@ async def _run_systems(s: Settings, ctx: dict[str, Any], wanted: list[str], data
             from vlm.client import PreprocessorClient
 
             pair = systems["pair"]
+            only("pair")
             b_images = [*plan_b["warmup_seq"], *plan_b["warmup_round"], *[i for v in plan_b["rounds"].values() for i in v]]
             t0 = time.perf_counter()
             async with PreprocessorClient(pair.pre_target) as pc:
@@ -402,6 +427,7 @@ async def _run_systems(s: Settings, ctx: dict[str, Any], wanted: list[str], data
         # 3. Warm-up, one system after the other.
         for name in active:
             log(f"model: warming up {name}")
+            only(name)
             results[name]["first_request_s"], results[name]["first_output"] = await _warm(systems[name], plans[name])
         # 4. Alternating rounds.
         recs: dict[str, list[dict[str, Any]]] = {n: [] for n in active}
@@ -411,6 +437,9 @@ async def _run_systems(s: Settings, ctx: dict[str, Any], wanted: list[str], data
             for c in s.concurrency:
                 for name in active:
                     system = systems[name]
+                    if s.freeze_idle:
+                        only(name)
+                        await asyncio.sleep(0.2)  # let the thawed processes settle
                     before = meter.read(system.cpu_groups)
                     wall, reqs = await system.run_round(plans[name]["rounds"][(r, c)])
                     used = CpuMeter.diff(before, meter.read(system.cpu_groups))
@@ -423,6 +452,7 @@ async def _run_systems(s: Settings, ctx: dict[str, Any], wanted: list[str], data
                     await asyncio.sleep(s.gap_s)
             log(f"model: round {r + 1}/{s.rounds}: " + ", ".join(
                 f"{n} {recs[n][-1]['output_tok_s']:.0f}" for n in active) + f" tok/s at N={s.concurrency[-1]}")
+        resume_all()
         for name in active:
             results[name]["rounds"] = recs[name]
             results[name]["levels"] = {str(c): summarize([x for x in recs[name] if x["concurrency"] == c])
@@ -443,6 +473,7 @@ async def _run_systems(s: Settings, ctx: dict[str, Any], wanted: list[str], data
             log(f"model: py-spy on the pair for {py_spy_s:.0f}s at N=4")
             data["py_spy"] = await _profile(systems["pair"], ctx, py_spy_s, Path(ctx["out_dir"]))
     finally:
+        resume_all()
         for name in reversed(list(systems)):
             try:
                 await systems[name].close()
@@ -465,13 +496,14 @@ def _prepare(model_dir: Path, env: dict[str, str], out_dir: Path) -> float:
 
 
 def run(*, quick: bool = False, out_dir: Path = DEFAULT_OUT, rounds: int | None = None,
-        systems: list[str] | None = None, py_spy_s: float = 0.0, gap_s: float | None = None) -> dict[str, Any]:
+        systems: list[str] | None = None, py_spy_s: float = 0.0, gap_s: float | None = None,
+        freeze_idle: bool = True) -> dict[str, Any]:
     from bench.model_systems import TEXT, child_env, raw_prompt
     from vlm.testing.tiny_models import build_tiny_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    s = settings(quick, rounds)
+    s = dataclasses.replace(settings(quick, rounds), freeze_idle=freeze_idle)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     wanted = list(systems or ALL_SYSTEMS)
@@ -622,13 +654,14 @@ def render_markdown(data: dict[str, Any]) -> str:
             st_rows.append([n, ", ".join(f"{k} {v:.1f}" for k, v in st.items())])
     mp = data["machine"]["env"].get("VLLM_ENABLE_V1_MULTIPROCESSING")
     layout = "in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)" if mp == "0" else "multiprocess engine"
+    frozen = ", the others frozen (SIGSTOP) while one system runs" if s.get("freeze_idle") else ""
     lines = [
         "## Serving path: gRPC pair vs. vLLM's OpenAI server vs. in-process AsyncLLM",
         "",
         (f"Tiny LLaVA on CPU, {layout}, float32, enforce_eager, VLLM_CPU_KVCACHE_SPACE=1; greedy, ignore_eos, "
          f"{s['max_tokens']} tokens per request, one distinct {s['image_size'][0]}×{s['image_size'][1]} JPEG per "
          f"request; every system is its own OS process(es); {s['rounds']} alternating round(s) per N, "
-         f"{s['gap_s']:.1f} s between systems{' (QUICK: smoke settings)' if data['quick'] else ''}; "
+         f"{s['gap_s']:.1f} s between systems{frozen}{' (QUICK: smoke settings)' if data['quick'] else ''}; "
          f"{data['machine']['cpu_count']} CPUs, load average {fmt(data['machine']['loadavg_1m'], 2)} at start; "
          f"run took {fmt(data.get('total_s'), 0)} s."),
         "",
@@ -680,6 +713,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gap", type=float, default=None, metavar="SECONDS",
                    help="pause between two systems' rounds (default 1.5 s, as vLLM's multiprocess engine spins "
                         "1 s after use; 0.3 s with the in-process layout)")
+    p.add_argument("--no-freeze", action="store_true",
+                   help="leave the idle systems running during another system's rounds (default: SIGSTOP them)")
     p.add_argument("--systems", default=",".join(ALL_SYSTEMS),
                    help=f"comma-separated subset of {','.join(ALL_SYSTEMS)} (default: all available)")
     p.add_argument("--py-spy", type=float, default=0.0, metavar="SECONDS",
@@ -689,7 +724,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [x for x in wanted if x not in ALL_SYSTEMS]
     if bad:
         p.error(f"unknown system(s): {', '.join(bad)}")
-    run(quick=args.quick, out_dir=args.out, rounds=args.rounds, systems=wanted, py_spy_s=args.py_spy, gap_s=args.gap)
+    run(quick=args.quick, out_dir=args.out, rounds=args.rounds, systems=wanted, py_spy_s=args.py_spy, gap_s=args.gap,
+        freeze_idle=not args.no_freeze)
     return 0
 
 

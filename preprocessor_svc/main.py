@@ -26,9 +26,23 @@ from preprocessor_svc.metrics import PreprocessorMetrics
 from preprocessor_svc.pool import PoolConfig
 from preprocessor_svc.processing import MODEL_IMPLS, ProcessorConfig
 from vlm.security import ClientSecurity
-from vlm.server import ServerOptions, add_server_args, configure_logging
+from vlm.server import ServerOptions, add_server_args, configure_logging, parse_cpu_list, pin_to_cpus
 
 log = logging.getLogger("preprocessor_svc")
+
+
+def _cpu_list(text: str) -> frozenset[int]:
+    try:
+        cpus = parse_cpu_list(text)
+        available = os.sched_getaffinity(0)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not cpus <= available:
+        raise argparse.ArgumentTypeError(
+            f"CPUs {sorted(cpus - available)} are not available (this process may run on "
+            f"{sorted(available)})"
+        )
+    return cpus
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests handed to each worker at once (default 1: only to an idle "
                         "worker, for latency); 2 pipelines, its next request already in its pipe "
                         "when it finishes one, for preprocessing throughput")
+    p.add_argument("--cpus", type=_cpu_list, default=None, metavar="LIST",
+                   help="run this service and its workers on these CPUs only (taskset syntax, "
+                        "e.g. 3 or 2-3). Beside a CPU vLLM engine, give it the CPUs vLLM leaves "
+                        "to other processes (by default the last one), not its worker's")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a worker before RESOURCE_EXHAUSTED")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -142,6 +160,9 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
+    if args.cpus is not None:
+        pin_to_cpus(args.cpus)  # before the workers start: they inherit it
+        log.info("running on CPUs %s", ",".join(map(str, sorted(args.cpus))))
     asyncio.run(serve(args))
     return 0
 

@@ -14,9 +14,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import gc
 import logging
+import os
 import signal
 import time
 import traceback
@@ -76,6 +78,36 @@ def freeze_gc_heap() -> None:
     every stream it serves. Call once, after warm-up, before reporting SERVING."""
     gc.collect()
     gc.freeze()
+
+
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """CPU numbers in taskset / cpuset syntax: "3" → {3}, "0,2-3" → {0, 2, 3}."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            lo = int(first)
+            hi = int(last) if dash else lo
+        except ValueError:
+            raise ValueError(f"{part.strip()!r} is not a CPU number or range (e.g. 3 or 0-3)") from None
+        if lo < 0 or hi < lo:
+            raise ValueError(f"{part.strip()!r} is not a CPU range (e.g. 0-3)")
+        cpus.update(range(lo, hi + 1))
+    return frozenset(cpus)
+
+
+def pin_to_cpus(cpus: frozenset[int]) -> None:
+    """Run this process on `cpus` only: every thread it has now, and (inherited) every thread
+    and child process it starts later. Raises ValueError for CPUs it may not use."""
+    allowed = os.sched_getaffinity(0)
+    if not cpus or not cpus <= allowed:
+        raise ValueError(
+            f"CPUs {sorted(cpus - allowed) or '(none)'} are not available to this process "
+            f"(it may run on {sorted(allowed)})"
+        )
+    for tid in os.listdir("/proc/self/task"):  # sched_setaffinity(0) would set one thread
+        with contextlib.suppress(ProcessLookupError):  # a thread that has just exited
+            os.sched_setaffinity(int(tid), cpus)
 
 
 # ------------------------------------------------------------------------------------ options
