@@ -366,19 +366,18 @@ async def _run_systems(s: Settings, ctx: dict[str, Any], wanted: list[str], data
         results["model_direct"] = {"skipped": "needs the pair"}
     order = [w for w in ALL_SYSTEMS if w in wanted]
 
-    def only(active: str | None) -> None:
-        """Let the processes of `active` run and (with freeze_idle) freeze every other system's."""
+    def only(active: str | None, *, freeze: bool = s.freeze_idle) -> None:
+        """Let the processes of `active` run and (with `freeze`) freeze every other system's."""
         keep = {id(g) for g in systems[active].cpu_groups} if active else set()
         groups = {id(g): g for sysm in systems.values() for g in sysm.cpu_groups}
         for gid, g in groups.items():
-            if gid in keep or not s.freeze_idle:
+            if gid in keep or not freeze:
                 g.resume()
             else:
                 g.pause()
 
     def resume_all() -> None:
-        for g in {id(g): g for sysm in systems.values() for g in sysm.cpu_groups}.values():
-            g.resume()
+        only(None, freeze=False)
 
     try:
         # 1. Start each system alone and wait until it is ready (startup timed without company).
@@ -437,8 +436,8 @@ async def _run_systems(s: Settings, ctx: dict[str, Any], wanted: list[str], data
             for c in s.concurrency:
                 for name in active:
                     system = systems[name]
+                    only(name)
                     if s.freeze_idle:
-                        only(name)
                         await asyncio.sleep(0.2)  # let the thawed processes settle
                     before = meter.read(system.cpu_groups)
                     wall, reqs = await system.run_round(plans[name]["rounds"][(r, c)])

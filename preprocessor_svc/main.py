@@ -26,23 +26,23 @@ from preprocessor_svc.metrics import PreprocessorMetrics
 from preprocessor_svc.pool import PoolConfig
 from preprocessor_svc.processing import MODEL_IMPLS, ProcessorConfig
 from vlm.security import ClientSecurity
-from vlm.server import ServerOptions, add_server_args, configure_logging, parse_cpu_list, pin_to_cpus
+from vlm.server import (
+    ServerOptions,
+    add_server_args,
+    check_cpus,
+    configure_logging,
+    parse_cpu_list,
+    pin_to_cpus,
+)
 
 log = logging.getLogger("preprocessor_svc")
 
 
 def _cpu_list(text: str) -> frozenset[int]:
     try:
-        cpus = parse_cpu_list(text)
-        available = os.sched_getaffinity(0)
+        return check_cpus(parse_cpu_list(text))
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    if not cpus <= available:
-        raise argparse.ArgumentTypeError(
-            f"CPUs {sorted(cpus - available)} are not available (this process may run on "
-            f"{sorted(available)})"
-        )
-    return cpus
 
 
 def build_parser() -> argparse.ArgumentParser:

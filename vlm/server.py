@@ -96,15 +96,21 @@ def parse_cpu_list(text: str) -> frozenset[int]:
     return frozenset(cpus)
 
 
-def pin_to_cpus(cpus: frozenset[int]) -> None:
-    """Run this process on `cpus` only: every thread it has now, and (inherited) every thread
-    and child process it starts later. Raises ValueError for CPUs it may not use."""
+def check_cpus(cpus: frozenset[int]) -> frozenset[int]:
+    """`cpus`, if this process may run on them all (and they are not none); else ValueError."""
     allowed = os.sched_getaffinity(0)
     if not cpus or not cpus <= allowed:
         raise ValueError(
             f"CPUs {sorted(cpus - allowed) or '(none)'} are not available to this process "
             f"(it may run on {sorted(allowed)})"
         )
+    return cpus
+
+
+def pin_to_cpus(cpus: frozenset[int]) -> None:
+    """Run this process on `cpus` only: every thread it has now, and (inherited) every thread
+    and child process it starts later. Raises ValueError for CPUs it may not use."""
+    check_cpus(cpus)
     for tid in os.listdir("/proc/self/task"):  # sched_setaffinity(0) would set one thread
         with contextlib.suppress(ProcessLookupError):  # a thread that has just exited
             os.sched_setaffinity(int(tid), cpus)
