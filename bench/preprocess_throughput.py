@@ -12,24 +12,26 @@ copied and its processor config (and, for LLaVA, the vision config that fixes th
 rewritten to the realistic sizes above. Weights do not matter: the preprocessor never loads
 them.
 
-Measured in one process, one after another:
+Measured in alternating rounds (the machine is shared and noisy: each ratio compares runs a
+few seconds apart):
 
 1. **baseline**: `AutoProcessor.from_pretrained(dir)` (transformers' default backend, the
-   torchvision "fast" image processor where one exists) called as
+   torchvision "fast" image processor where one exists) called in this process as
    `processor(images=pil, text=prompt, return_tensors="pt")` in a loop, JPEG decode included;
-   in the full run it is measured before *and* after the service runs (the mean is the
-   reference; the drift between the two shows how noisy the machine was);
 2. **baseline as vLLM calls it** (Qwen2-VL): the same call plus `do_rescale=False,
    do_normalize=False`, which vLLM 0.32 adds (it normalises Qwen2-VL pixels on the device, so
    its processor returns uint8 and does less CPU work); the service is also compared to it;
-3. **service**: `PreprocessorApp` on loopback with `workers=1` and `workers=2`, each at
-   `--worker-depth` 1 (the default) and 2 (pipelined), driven by
-   `PreprocessorClient.preprocess` with 2×workers requests in flight, one distinct JPEG per
-   request (a pool cycled once exhausted; `cache_bytes=0`, so no processor-cache hits).
+3. **service**: `python -m preprocessor_svc.main` (what `vlm serve-preprocessor` runs) as its
+   own process tree, with `--workers` 1 and 2, each at `--worker-depth` 1 (the default) and 2
+   (pipelined), driven from this process by `PreprocessorClient.preprocess` with 2 × workers
+   requests in flight, one distinct JPEG per request (`--processor-cache-bytes 0`, so no
+   processor-cache hits). Every configuration is started once and frozen (SIGSTOP) while
+   anything else is measured; each run opens a fresh channel and warms up first.
 
-Each run is time-boxed (after a warm-up). Reported: images/s, p50/p95 latency, the ratio to the
-HF baseline, and (service) where the time went: queue wait, decode, vLLM processing, worker
-total, and the rest (pipe transfer + tensor conversion + gRPC + client).
+Each run is time-boxed. Reported: images/s and p50/p95 latency (medians over rounds), the ratio
+to the same round's HF baseline (median and best), and CPU milliseconds per image of each
+process (service main process, workers, and the benchmark client), from `/proc` before and
+after each run.
 
     python -m bench.preprocess_throughput [--quick] [--out DIR]
 """
@@ -82,10 +84,10 @@ class Settings:
     min_requests: int
     #: Distinct JPEGs generated before measuring (cycled if a run needs more).
     pool: int
-    #: Warm-up requests per request slot (service) / in total (baseline).
+    #: Warm-up requests per request slot (service) / in total (baseline), before each run.
     warmup: int
-    #: Baseline measured before and after the service runs (2) or once (1).
-    baseline_runs: int
+    #: Alternating rounds: HF baseline, then each service configuration.
+    rounds: int
     workers: tuple[int, ...] = (1, 2)
     #: `--worker-depth` values measured for each worker count (1: the default; 2: pipelined).
     depths: tuple[int, ...] = (1, 2)
@@ -94,8 +96,8 @@ class Settings:
     jpeg_quality: int = 90
 
 
-QUICK = Settings(duration_s=1.5, min_requests=4, pool=12, warmup=1, baseline_runs=1)
-FULL = Settings(duration_s=12.0, min_requests=16, pool=64, warmup=2, baseline_runs=2)
+QUICK = Settings(duration_s=1.5, min_requests=4, pool=12, warmup=1, rounds=1, depths=(1,))
+FULL = Settings(duration_s=6.0, min_requests=16, pool=64, warmup=2, rounds=3)
 
 
 @dataclass(frozen=True)
@@ -243,127 +245,122 @@ def hf_run(
 
 
 # ---------------------------------------------------------------------------------------------
-# Our service over gRPC on loopback
+# Our service, as `vlm serve-preprocessor` runs it, over gRPC on loopback
 # ---------------------------------------------------------------------------------------------
 
 
-def _recording_metrics():
-    from preprocessor_svc.metrics import PreprocessorMetrics
+class ServiceUnderTest:
+    """One `python -m preprocessor_svc.main` process tree (main + forkserver + workers), frozen
+    (SIGSTOP) whenever it is not the configuration being measured."""
 
-    class RecordingMetrics(PreprocessorMetrics):
-        """The service's own metrics, also keeping each request's PreprocessMetrics."""
+    def __init__(self, model_dir: Path, workers: int, depth: int, log_path: Path) -> None:
+        from bench.model_systems import ProcGroup, child_env, free_port
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.records: list[Any] = []
+        self.workers, self.depth = workers, depth
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "preprocessor_svc.main", "--model", str(model_dir),
+               "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", "-1",
+               "--workers", str(workers), "--worker-depth", str(depth),
+               "--processor-cache-bytes", "0", "--max-model-len", str(MAX_MODEL_LEN),
+               "--log-level", "WARNING"]
+        self.group = ProcGroup(f"preprocessor w{workers} d{depth}", cmd, child_env(), log_path)
+        self.start_s: float | None = None
 
-        def record(self, result) -> None:  # noqa: ANN001 - a pool.PooledResult
-            super().record(result)
-            self.records.append(result)
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
-    return RecordingMetrics()
+    @property
+    def label(self) -> str:
+        return f"w{self.workers}d{self.depth}"
 
+    def start(self) -> ServiceUnderTest:
+        self.group.start()
+        return self
 
-def _breakdown(records: list[Any], latencies: list[float]) -> dict[str, Any]:
-    """Medians (ms) of where a request's time went, from the worker's own metrics."""
+    async def wait_ready(self, timeout_s: float = 600.0) -> None:
+        from bench.model_systems import grpc_serving, poll_until
 
-    def med(xs: list[float]) -> float | None:
-        return statistics.median(xs) * 1000.0 if xs else None
-
-    queue = [r.queue_seconds for r in records]
-    decode = [sum(m.decode_seconds for m in r.metrics.modalities.values()) for r in records]
-    process = [r.metrics.process_seconds for r in records]
-    encode = [r.encode_seconds for r in records]
-    worker = [r.metrics.total_seconds + r.encode_seconds for r in records]
-    out = {
-        "queue_ms_p50": med(queue),
-        "decode_ms_p50": med(decode),
-        "vllm_process_ms_p50": med(process),
-        "encode_ms_p50": med(encode),
-        "worker_total_ms_p50": med(worker),
-        "feature_bytes_per_image": (
-            statistics.median([sum(m.feature_bytes for m in r.metrics.modalities.values()) for r in records])
-            if records
-            else None
-        ),
-        "prompt_tokens": records[0].metrics.prompt_tokens if records else None,
-        "cache_hits": sum(r.metrics.cache_hits for r in records),
-        "workers_used": sorted({r.worker for r in records}),
-    }
-    lat_p50 = percentile([x * 1000.0 for x in latencies], 50)
-    if lat_p50 is not None and out["worker_total_ms_p50"] is not None:
-        # Pipe transfer + framing + gRPC + client conversion.
-        out["rest_ms_p50"] = lat_p50 - out["worker_total_ms_p50"] - (out["queue_ms_p50"] or 0.0)
-    return out
+        t = await poll_until(lambda: grpc_serving(self.target), [self.group], timeout_s,
+                             f"preprocessor {self.label}", interval_s=0.5)
+        self.start_s = t - (self.group.started_at or t)
 
 
 async def service_run(
-    model_dir: Path, prompt: str, jpegs: list[bytes], workers: int, s: Settings, depth: int = 1
+    svc: ServiceUnderTest, prompt: str, jpegs: list[bytes], s: Settings, start: int
 ) -> dict[str, Any]:
-    from preprocessor_svc.app import PreprocessorApp
-    from preprocessor_svc.pool import PoolConfig
-    from preprocessor_svc.processing import ProcessorConfig
+    """One timed run against a thawed service: a fresh channel, a warm-up, then 2 x workers
+    requests in flight for `s.duration_s`; CPU seconds per process role are charged per image."""
+    from bench.model_systems import CpuMeter
     from vlm.client import PreprocessorClient
-    from vlm.server import ServerOptions
     from vlm.types import Media, Modality, PromptInput
 
-    config = ProcessorConfig(model=str(model_dir), max_model_len=MAX_MODEL_LEN, cache_bytes=0)
-    pool = PoolConfig(workers=workers, max_queue=max(64, 4 * workers * s.in_flight_per_worker),
-                      worker_depth=depth)
-    metrics = _recording_metrics()
-    t0 = time.perf_counter()
-    app = await PreprocessorApp.start(config, pool, ServerOptions(metrics_port=None, grace_s=0.5), metrics)
-    start_s = time.perf_counter() - t0
-    in_flight = workers * s.in_flight_per_worker
-    try:
-        async with PreprocessorClient(f"127.0.0.1:{app.grpc.port}") as client:
-            counter = itertools.count()
+    in_flight = svc.workers * s.in_flight_per_worker
+    counter = itertools.count(start)
+    fields: dict[str, Any] = {}
+    tokens: set[int] = set()
 
-            fields: dict[str, Any] = {}
+    async with PreprocessorClient(svc.target) as client:
 
-            async def one() -> tuple[float, int]:
-                jpeg = jpegs[next(counter) % len(jpegs)]
-                req = PromptInput(text=prompt, media=(Media(Modality.IMAGE, jpeg, "image/jpeg"),))
-                t = time.perf_counter()
-                out = await client.preprocess(req)
-                dt = time.perf_counter() - t
-                if not fields and out.items:
-                    for name, f in (out.items[0].fields or {}).items():
-                        fields[name] = {"shape": list(f.data.shape), "dtype": str(f.data.dtype)}
-                return dt, len(out.token_ids)
+        async def one() -> float:
+            jpeg = jpegs[next(counter) % len(jpegs)]
+            req = PromptInput(text=prompt, media=(Media(Modality.IMAGE, jpeg, "image/jpeg"),))
+            t = time.perf_counter()
+            out = await client.preprocess(req)
+            dt = time.perf_counter() - t
+            if not fields and out.items:
+                for name, f in (out.items[0].fields or {}).items():
+                    fields[name] = {"shape": list(f.data.shape), "dtype": str(f.data.dtype)}
+            tokens.add(len(out.token_ids))
+            return dt
 
-            await asyncio.gather(*(one() for _ in range(in_flight * s.warmup)))
-            metrics.records.clear()
+        await asyncio.gather(*(one() for _ in range(in_flight * s.warmup)))
+        meter = CpuMeter()
+        cpu0 = meter.read([svc.group])
+        lat: list[float] = []
+        t_start = time.perf_counter()
+        deadline = t_start + s.duration_s
 
-            lat: list[float] = []
-            tokens: set[int] = set()
-            t_start = time.perf_counter()
-            deadline = t_start + s.duration_s
+        async def slot() -> None:
+            while time.perf_counter() < deadline or len(lat) < s.min_requests:
+                lat.append(await one())
 
-            async def slot() -> None:
-                while time.perf_counter() < deadline or len(lat) < s.min_requests:
-                    dt, n = await one()
-                    lat.append(dt)
-                    tokens.add(n)
-
-            await asyncio.gather(*(slot() for _ in range(in_flight)))
-            elapsed = time.perf_counter() - t_start
-    finally:
-        await app.close()
+        await asyncio.gather(*(slot() for _ in range(in_flight)))
+        elapsed = time.perf_counter() - t_start
+        cpu = CpuMeter.diff(cpu0, meter.read([svc.group]))
     return {
-        "workers": workers,
-        "worker_depth": depth,
-        "in_flight": in_flight,
-        "start_s": start_s,
-        "worker_build_s": list(app.preprocessor.build_seconds),
         "images": len(lat),
-        "distinct_images": min(len(lat), len(jpegs)),
         "seconds": elapsed,
         "images_per_s": len(lat) / elapsed,
         "latency": latency_summary(lat),
         "prompt_tokens": sorted(tokens),
         "fields": fields,
-        "breakdown": _breakdown(list(metrics.records), lat),
+        "cpu_ms_per_image": {role: v / len(lat) * 1000.0 for role, v in cpu.items()},
+    }
+
+
+def _freeze_all_but(services: list[ServiceUnderTest], active: ServiceUnderTest | None) -> None:
+    for svc in services:
+        if svc is active:
+            svc.group.resume()
+        else:
+            svc.group.pause()
+
+
+def _summary(runs: list[dict[str, Any]], refs: list[float]) -> dict[str, Any]:
+    """Median images/s over rounds, and the ratio to the same round's HF baseline (best, median)."""
+    ratios = [r["images_per_s"] / ref for r, ref in zip(runs, refs, strict=True)]
+    roles = sorted({k for r in runs for k in r["cpu_ms_per_image"]})
+    return {
+        "images_per_s": statistics.median(r["images_per_s"] for r in runs),
+        "latency_p50_ms": statistics.median(r["latency"]["p50_ms"] for r in runs),
+        "latency_p95_ms": statistics.median(r["latency"]["p95_ms"] for r in runs),
+        "ratio_rounds": ratios,
+        "ratio_best": max(ratios),
+        "ratio_median": statistics.median(ratios),
+        "cpu_ms_per_image": {
+            role: statistics.median(r["cpu_ms_per_image"].get(role, 0.0) for r in runs) for role in roles
+        },
     }
 
 
@@ -372,7 +369,7 @@ async def service_run(
 # ---------------------------------------------------------------------------------------------
 
 
-async def _family_run(fam: Family, root: Path, jpegs: list[bytes], s: Settings) -> dict[str, Any]:
+async def _family_run(fam: Family, root: Path, jpegs: list[bytes], s: Settings, out_dir: Path) -> dict[str, Any]:
     import torch
 
     model_dir = build_bench_fixture(fam.arch, root)
@@ -380,109 +377,137 @@ async def _family_run(fam: Family, root: Path, jpegs: list[bytes], s: Settings) 
     desc = hf_describe(proc, fam.prompt, jpegs[0])
     log(f"{fam.key}: HF {desc['image_processor']} ({desc['backend']}), {desc['prompt_tokens']} "
         f"prompt tokens, pixel_values {desc['pixel_values']['shape']}")
-    baselines = [hf_run(proc, fam.prompt, jpegs, s)]
-    log(f"{fam.key}: HF in-process {baselines[0]['images_per_s']:.1f} img/s")
-    services = []
-    for w in s.workers:
-        for depth in s.depths:
-            r = await service_run(model_dir, fam.prompt, jpegs, w, s, depth)
-            log(f"{fam.key}: service workers={w} depth={depth} {r['images_per_s']:.1f} img/s "
-                f"(start {r['start_s']:.1f}s)")
-            services.append(r)
-    if s.baseline_runs > 1:
-        baselines.append(hf_run(proc, fam.prompt, jpegs, s, start=len(jpegs) // 2))
-        log(f"{fam.key}: HF in-process (again) {baselines[-1]['images_per_s']:.1f} img/s")
-    ref = statistics.mean(b["images_per_s"] for b in baselines)
-    matched = None
-    if fam.vllm_hf_kwargs:
-        kw = dict(fam.vllm_hf_kwargs)
-        matched = hf_run(proc, fam.prompt, jpegs, s, kwargs=kw)
-        out = _hf_one(proc, fam.prompt, jpegs[0], kw)
-        matched["kwargs"] = kw
-        matched["pixel_values_dtype"] = str(out["pixel_values"].dtype)
-        matched["ratio_vs_hf"] = ratio(matched["images_per_s"], ref)
-        log(f"{fam.key}: HF in-process as vLLM calls it {kw}: {matched['images_per_s']:.1f} img/s")
-    for r in services:
-        r["ratio_vs_hf"] = ratio(r["images_per_s"], ref)
-        r["ratio_vs_hf_as_vllm"] = ratio(r["images_per_s"], matched["images_per_s"]) if matched else None
-        r["tokens_match_hf"] = r["prompt_tokens"] == [desc["prompt_tokens"]]
-        pv = r["fields"].get("pixel_values", {}).get("dtype")
-        r["vllm_kwargs_confirmed"] = (pv == "torch.uint8") == bool(fam.vllm_hf_kwargs) if pv else None
-    drift = None
-    if len(baselines) > 1:
-        drift = baselines[-1]["images_per_s"] / baselines[0]["images_per_s"] - 1.0
+    services = [ServiceUnderTest(model_dir, w, d, out_dir / f"{NAME}.{fam.key}.w{w}d{d}.log")
+                for w in s.workers for d in s.depths]
+    # Started one after the other (each frozen once SERVING): a start is not what is measured,
+    # and starting them together on 2 cores would only slow each down.
+    try:
+        for svc in services:
+            _freeze_all_but(services, svc)
+            await svc.start().wait_ready()
+            log(f"{fam.key}: service {svc.label} SERVING after {svc.start_s:.1f}s")
+        kw = dict(fam.vllm_hf_kwargs) if fam.vllm_hf_kwargs else None
+        baselines: list[dict[str, Any]] = []
+        matched: list[dict[str, Any]] = []
+        results: dict[str, list[dict[str, Any]]] = {svc.label: [] for svc in services}
+        for rnd in range(s.rounds):
+            # Alternating rounds: HF, (HF as vLLM calls it), then each service configuration, so
+            # each ratio compares runs a few seconds apart on this noisy machine.
+            _freeze_all_but(services, None)
+            first = rnd * len(jpegs) // max(1, s.rounds)
+            baselines.append(hf_run(proc, fam.prompt, jpegs, s, start=first))
+            if kw:
+                matched.append(hf_run(proc, fam.prompt, jpegs, s, start=first, kwargs=kw))
+            line = f"{fam.key} round {rnd + 1}/{s.rounds}: HF {baselines[-1]['images_per_s']:.1f}"
+            for svc in services:
+                _freeze_all_but(services, svc)
+                r = await service_run(svc, fam.prompt, jpegs, s, start=first)
+                results[svc.label].append(r)
+                line += f", {svc.label} {r['images_per_s']:.1f}"
+            log(line + " img/s")
+    finally:
+        for svc in services:
+            await asyncio.to_thread(svc.group.stop)
+    refs = [b["images_per_s"] for b in baselines]
+    rows = []
+    for svc in services:
+        runs = results[svc.label]
+        row = {"workers": svc.workers, "worker_depth": svc.depth,
+               "in_flight": svc.workers * s.in_flight_per_worker, "start_s": svc.start_s,
+               **_summary(runs, refs), "runs": runs}
+        if matched:
+            row["ratio_vs_hf_as_vllm_median"] = statistics.median(
+                r["images_per_s"] / m["images_per_s"] for r, m in zip(runs, matched, strict=True))
+        tokens = sorted({t for r in runs for t in r["prompt_tokens"]})
+        row["prompt_tokens"] = tokens
+        row["tokens_match_hf"] = tokens == [desc["prompt_tokens"]]
+        row["fields"] = next((r["fields"] for r in runs if r["fields"]), {})
+        pv = row["fields"].get("pixel_values", {}).get("dtype")
+        row["vllm_kwargs_confirmed"] = (pv == "torch.uint8") == bool(fam.vllm_hf_kwargs) if pv else None
+        rows.append(row)
+    baseline = {"images_per_s": statistics.median(refs), "rounds": refs, "runs": baselines}
+    as_vllm = None
+    if matched:
+        as_vllm = {"kwargs": kw, "images_per_s": statistics.median(m["images_per_s"] for m in matched),
+                   "ratio_vs_hf": statistics.median(
+                       m["images_per_s"] / ref for m, ref in zip(matched, refs, strict=True)),
+                   "runs": matched}
     return {
         "family": fam.key,
         "label": fam.label,
         "prompt": fam.prompt,
         "hf": {**desc, "load_s": load_s, "torch_threads": torch.get_num_threads()},
-        "baseline": {"images_per_s": ref, "runs": baselines, "drift": drift},
-        "baseline_as_vllm": matched,
-        "service": services,
+        "baseline": baseline,
+        "baseline_as_vllm": as_vllm,
+        "service": rows,
     }
 
 
 def render_markdown(data: dict[str, Any]) -> str:
     s = data["settings"]
     lines = [
-        "## Preprocessing throughput: preprocessor service (gRPC, loopback) vs. HF processor in-process",
+        "## Preprocessing throughput: preprocessor service (own process, gRPC on loopback) vs. HF processor in-process",
         "",
         f"{s['image_size'][0]}×{s['image_size'][1]} synthetic JPEG photos (quality {s['jpeg_quality']}, "
-        f"mean {data['images']['mean_kb']:.0f} KB), one image per request, "
-        f"{s['duration_s']:g} s per run{' (QUICK: smoke settings)' if data['quick'] else ''}; "
+        f"mean {data['images']['mean_kb']:.0f} KB), one image per request; {s['rounds']} alternating "
+        f"round(s) of {s['duration_s']:g} s runs{' (QUICK: smoke settings)' if data['quick'] else ''}; "
         f"{data['machine']['cpu_count']} CPUs, load average {fmt(data['machine']['loadavg_1m'], 2)} at start. "
-        "*vs HF*: ratio to the plain HF processor call (the baseline); *vs HF as vLLM calls it*: "
-        "ratio to the HF call with the kwargs vLLM adds (same CPU work as the service's processor).",
+        "images/s and latencies: medians over rounds. *vs HF*: the service's images/s over the HF "
+        "baseline's in the same round, median (best); *vs HF as vLLM calls it*: the same against "
+        "the HF call with the kwargs vLLM adds (same CPU work as the service's processor).",
         "",
     ]
     rows = []
     for fam in data["families"]:
         b = fam["baseline"]
-        b_lat = b["runs"][0]["latency"]
-        note = "" if b["drift"] is None else f" (drift {b['drift'] * 100:+.0f}%)"
         m = fam.get("baseline_as_vllm")
+        lat = [r["latency"] for r in b["runs"]]
+        rounds = "/".join(f"{x:.0f}" for x in b["rounds"])
         rows.append([
-            fam["label"], f"HF {fam['hf']['image_processor']} in-process{note}", "–", "1",
-            fmt(b["images_per_s"]), fmt(b_lat["p50_ms"]), fmt(b_lat["p95_ms"]), "1.00×",
+            fam["label"], f"HF {fam['hf']['image_processor']} in-process ({rounds} img/s)", "–", "1",
+            fmt(b["images_per_s"]), fmt(statistics.median(x["p50_ms"] for x in lat)),
+            fmt(statistics.median(x["p95_ms"] for x in lat)), "1.00×",
             fmt_ratio(ratio(b["images_per_s"], m["images_per_s"])) if m else "–",
         ])
         if m:
             kw = ", ".join(f"{k}={v}" for k, v in m["kwargs"].items())
+            mlat = [r["latency"] for r in m["runs"]]
             rows.append([
                 fam["label"], f"HF in-process as vLLM calls it ({kw})", "–", "1",
-                fmt(m["images_per_s"]), fmt(m["latency"]["p50_ms"]), fmt(m["latency"]["p95_ms"]),
-                fmt_ratio(m["ratio_vs_hf"]), "1.00×",
+                fmt(m["images_per_s"]), fmt(statistics.median(x["p50_ms"] for x in mlat)),
+                fmt(statistics.median(x["p95_ms"] for x in mlat)), fmt_ratio(m["ratio_vs_hf"]), "1.00×",
             ])
         for r in fam["service"]:
             rows.append([
-                fam["label"], f"preprocessor service, gRPC, --worker-depth {r.get('worker_depth', 1)}",
-                r["workers"], r["in_flight"],
-                fmt(r["images_per_s"]), fmt(r["latency"]["p50_ms"]), fmt(r["latency"]["p95_ms"]),
-                fmt_ratio(r["ratio_vs_hf"]), fmt_ratio(r["ratio_vs_hf_as_vllm"]),
+                fam["label"], f"preprocessor service, --worker-depth {r['worker_depth']}",
+                r["workers"], r["in_flight"], fmt(r["images_per_s"]), fmt(r["latency_p50_ms"]),
+                fmt(r["latency_p95_ms"]),
+                f"{fmt_ratio(r['ratio_median'])} ({fmt_ratio(r['ratio_best'])})",
+                fmt_ratio(r.get("ratio_vs_hf_as_vllm_median")),
             ])
     lines.append(md_table(
         ["processor", "path", "workers", "in flight", "images/s", "p50 ms", "p95 ms", "vs HF",
          "vs HF as vLLM calls it"], rows
     ))
-    lines += ["", "Where a service request's time went (medians, ms; *rest* = pipe transfer, tensor "
-              "conversion, protobuf, gRPC and client):", ""]
+    lines += ["", "CPU per image (ms, medians over rounds; user + system from /proc, every process "
+              "of the service and the benchmark client):", ""]
     rows = []
     for fam in data["families"]:
         for r in fam["service"]:
-            bd = r["breakdown"]
+            cpu = r["cpu_ms_per_image"]
+            workers = sum(v for k, v in cpu.items() if k.startswith("preprocessing worker"))
+            main = cpu.get("preprocessor_svc main", 0.0)
+            client = cpu.get("benchmark client (driver)", 0.0)
             pv = r["fields"].get("pixel_values", {})
             rows.append([
-                fam["label"], f"{r['workers']} (depth {r.get('worker_depth', 1)})",
-                fmt(bd["queue_ms_p50"]), fmt(bd["decode_ms_p50"]),
-                fmt(bd["vllm_process_ms_p50"]), fmt(bd["worker_total_ms_p50"]), fmt(bd.get("rest_ms_p50")),
-                f"{fmt((bd['feature_bytes_per_image'] or 0) / 2**20, 2)} "
-                f"({str(pv.get('dtype', '?')).removeprefix('torch.')})",
-                ",".join(map(str, r["prompt_tokens"])),
-                "yes" if r["tokens_match_hf"] else "NO",
+                fam["label"], f"{r['workers']} (depth {r['worker_depth']})", fmt(workers), fmt(main),
+                fmt(client), fmt(workers + main + client),
+                f"{str(pv.get('dtype', '?')).removeprefix('torch.')} {pv.get('shape', '?')}",
+                ",".join(map(str, r["prompt_tokens"])), "yes" if r["tokens_match_hf"] else "NO",
             ])
     lines.append(md_table(
-        ["processor", "workers", "queue", "decode", "vLLM processing", "worker total", "rest",
-         "pixels MiB/img (dtype)", "prompt tokens", "= HF tokens"], rows
+        ["processor", "workers", "workers (all)", "service main", "client", "total",
+         "pixel_values", "prompt tokens", "= HF tokens"], rows
     ))
     return "\n".join(lines) + "\n"
 
@@ -493,6 +518,7 @@ def run(*, quick: bool = False, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     s = QUICK if quick else FULL
     t_all = time.perf_counter()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     log(f"preprocess: generating {s.pool} synthetic {s.image_size[0]}x{s.image_size[1]} JPEGs")
     jpegs = synthetic_jpegs(s.pool, s.image_size, quality=s.jpeg_quality)
     data: dict[str, Any] = {
@@ -511,7 +537,7 @@ def run(*, quick: bool = False, out_dir: Path = DEFAULT_OUT) -> dict[str, Any]:
         # One event loop for every gRPC server and channel of the run.
         with tempfile.TemporaryDirectory(prefix="vlm-bench-pre-") as tmp:
             for fam in FAMILIES:
-                data["families"].append(await _family_run(fam, Path(tmp), jpegs, s))
+                data["families"].append(await _family_run(fam, Path(tmp), jpegs, s, out_dir))
 
     asyncio.run(all_families())
     data["total_s"] = time.perf_counter() - t_all

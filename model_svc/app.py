@@ -12,7 +12,8 @@ from model_svc.engine import Engine
 from model_svc.metrics import ModelMetrics
 from model_svc.servicer import ModelServicer
 from vlm.model.v1 import model_pb2, model_pb2_grpc
-from vlm.server import GrpcApp, ServerOptions, freeze_gc_heap
+from vlm.process import freeze_gc_heap
+from vlm.server import GrpcApp, ServerOptions
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ import asyncio
 import sys
 
 from model_svc.metrics import ModelMetrics
+from vlm.process import tune_malloc
 from vlm.server import ServerOptions, add_server_args, configure_logging
 
 
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # --log-level is vLLM's own flag (also applied to vLLM's loggers).
     configure_logging(str(getattr(args, "log_level", None) or "info").upper())
+    tune_malloc(args.malloc_mmap_threshold)
     asyncio.run(serve(args))
     return 0
 

@@ -33,9 +33,10 @@ from preprocessor_svc.replicas import ReplicaSet, ReplicaState
 from preprocessor_svc.servicer import SERVICE_NAME, PreprocessorServicer, add_to_server
 from vlm import types
 from vlm.fingerprint import compute_fingerprint
+from vlm.process import freeze_gc_heap
 from vlm.profile import ModelProfile
 from vlm.security import NO_SECURITY, ClientSecurity
-from vlm.server import GrpcApp, ServerOptions, freeze_gc_heap
+from vlm.server import GrpcApp, ServerOptions
 
 if TYPE_CHECKING:
     from preprocessor_svc.openai_http import OpenAIHttpServer

@@ -25,15 +25,9 @@ from preprocessor_svc.media import MediaLimits
 from preprocessor_svc.metrics import PreprocessorMetrics
 from preprocessor_svc.pool import PoolConfig
 from preprocessor_svc.processing import MODEL_IMPLS, ProcessorConfig
+from vlm.process import check_cpus, parse_cpu_list, pin_to_cpus, tune_malloc
 from vlm.security import ClientSecurity
-from vlm.server import (
-    ServerOptions,
-    add_server_args,
-    check_cpus,
-    configure_logging,
-    parse_cpu_list,
-    pin_to_cpus,
-)
+from vlm.server import ServerOptions, add_server_args, configure_logging
 
 log = logging.getLogger("preprocessor_svc")
 
@@ -160,6 +154,7 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
+    tune_malloc(args.malloc_mmap_threshold)  # before the workers start: they inherit it
     if args.cpus is not None:
         pin_to_cpus(args.cpus)  # before the workers start: they inherit it
         log.info("running on CPUs %s", ",".join(map(str, sorted(args.cpus))))

@@ -47,7 +47,7 @@ from preprocessor_svc.processing import PreprocessMetrics, Processor, ProcessorC
 from vlm.convert import EncodedItem, EncodedPrompt, encode_prompt
 from vlm.errors import Internal, ResourceExhausted, Unavailable, VlmError
 from vlm.profile import ModelProfile
-from vlm.server import freeze_gc_heap
+from vlm.process import freeze_gc_heap
 from vlm.types import ModelInfo, Prompt, PromptInput
 
 logger = logging.getLogger(__name__)

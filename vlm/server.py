@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import gc
 import logging
 import os
 import signal
@@ -36,6 +35,7 @@ from vlm.admission import RequestBudget
 from vlm.common.v1 import generation_pb2
 from vlm.convert import request_deserializer
 from vlm.errors import DETAIL_KEY, REASON_KEY, MissingFeatures, UpstreamError, VlmError
+from vlm.process import DEFAULT_MMAP_THRESHOLD
 from vlm.security import BearerAuthInterceptor, ServerSecurity, rejecting
 
 log = logging.getLogger(__name__)
@@ -69,51 +69,6 @@ def configure_logging(level: str | int = "INFO") -> None:
     )
     root.addHandler(handler)
     root.setLevel(level)
-
-
-def freeze_gc_heap() -> None:
-    """Move everything alive after start-up (imports, models, processors) out of the garbage
-    collector's reach, as vLLM's own servers do once warm: a full collection over a heap holding
-    torch and vLLM otherwise pauses the process for tens to hundreds of milliseconds, stalling
-    every stream it serves. Call once, after warm-up, before reporting SERVING."""
-    gc.collect()
-    gc.freeze()
-
-
-def parse_cpu_list(text: str) -> frozenset[int]:
-    """CPU numbers in taskset / cpuset syntax: "3" → {3}, "0,2-3" → {0, 2, 3}."""
-    cpus: set[int] = set()
-    for part in text.split(","):
-        first, dash, last = part.strip().partition("-")
-        try:
-            lo = int(first)
-            hi = int(last) if dash else lo
-        except ValueError:
-            raise ValueError(f"{part.strip()!r} is not a CPU number or range (e.g. 3 or 0-3)") from None
-        if lo < 0 or hi < lo:
-            raise ValueError(f"{part.strip()!r} is not a CPU range (e.g. 0-3)")
-        cpus.update(range(lo, hi + 1))
-    return frozenset(cpus)
-
-
-def check_cpus(cpus: frozenset[int]) -> frozenset[int]:
-    """`cpus`, if this process may run on them all (and they are not none); else ValueError."""
-    allowed = os.sched_getaffinity(0)
-    if not cpus or not cpus <= allowed:
-        raise ValueError(
-            f"CPUs {sorted(cpus - allowed) or '(none)'} are not available to this process "
-            f"(it may run on {sorted(allowed)})"
-        )
-    return cpus
-
-
-def pin_to_cpus(cpus: frozenset[int]) -> None:
-    """Run this process on `cpus` only: every thread it has now, and (inherited) every thread
-    and child process it starts later. Raises ValueError for CPUs it may not use."""
-    check_cpus(cpus)
-    for tid in os.listdir("/proc/self/task"):  # sched_setaffinity(0) would set one thread
-        with contextlib.suppress(ProcessLookupError):  # a thread that has just exited
-            os.sched_setaffinity(int(tid), cpus)
 
 
 # ------------------------------------------------------------------------------------ options
@@ -211,6 +166,12 @@ def add_server_args(
                        help="RPCs at once, beyond which RESOURCE_EXHAUSTED (0: unbounded, the "
                             "default)")
     group.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds")
+    group.add_argument("--malloc-mmap-threshold", type=int, default=DEFAULT_MMAP_THRESHOLD,
+                       metavar="BYTES",
+                       help="glibc keeps buffers up to this size in its heap for reuse instead of "
+                            "mapping and unmapping each one (this process and its children; "
+                            "default %(default)s; 0: glibc's defaults). MALLOC_MMAP_THRESHOLD_ / "
+                            "MALLOC_TRIM_THRESHOLD_ in the environment take precedence")
     sec = parser.add_argument_group("security (each flag also reads an environment variable)")
     sec.add_argument("--tls-cert", default=None, help="PEM server certificate [VLM_TLS_CERT]")
     sec.add_argument("--tls-key", default=None, help="PEM private key [VLM_TLS_KEY]")
