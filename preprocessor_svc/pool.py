@@ -12,7 +12,9 @@ are not fork-safe once this process has threads. Each worker builds its
 profile), processes a dummy image, and then serves requests in order over a pipe. The event
 loop never runs CPU work: a request goes to the least-loaded worker with room (each holds up to
 `worker_depth` requests, so the next is already in its pipe when it finishes one) or waits
-(FIFO), and helper threads do the blocking pipe I/O. At most `max_queue` requests wait; beyond that
+(FIFO). The event loop serves the pipes itself, non-blocking, with no helper thread: measured
+with helper threads, each request's hand-offs waited for the GIL behind the event loop's gRPC
+work, and a worker idled for milliseconds between requests. At most `max_queue` requests wait; beyond that
 `ResourceExhausted` is raised at once. A worker that dies or exceeds `request_timeout_s` is
 replaced in the background; its request fails with `Unavailable` (retryable).
 
@@ -32,6 +34,10 @@ import collections
 import contextlib
 import logging
 import multiprocessing
+import os
+import pickle
+import socket
+import struct
 import threading
 import time
 from collections.abc import Mapping
@@ -210,7 +216,45 @@ def _mp_context(method: str) -> Any:
     return ctx
 
 
+def _frame(payload: bytes) -> bytes:
+    """`payload` framed as `multiprocessing.connection.Connection` frames it (what the worker's
+    `conn.recv()` reads)."""
+    n = len(payload)
+    head = struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!iQ", -1, n)
+    return head + payload
+
+
+async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytearray:
+    """`n` bytes from a non-blocking socket, received in place (one copy out of the kernel)."""
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = await loop.sock_recv_into(sock, view[got:])
+        if k == 0:
+            raise EOFError(f"connection closed after {got} of {n} bytes")
+        got += k
+    return buf
+
+
+async def _recv_frame(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytearray:
+    """One frame written by the worker's `Connection.send` / `send_bytes`."""
+    (n,) = struct.unpack("!i", await _recv_exactly(loop, sock, 4))
+    if n == -1:
+        (n,) = struct.unpack("!Q", await _recv_exactly(loop, sock, 8))
+    return await _recv_exactly(loop, sock, n)
+
+
 class _ProcessWorker:
+    """One worker process and this process's end of its pipe.
+
+    The pipe is served on the event loop, without helper threads: requests are written in
+    ticket order (under `_send_lock`) and one reader task per process reads the replies, which
+    come back in the same order, and resolves the oldest waiting call with each. A watchdog
+    task stops the process when the request at the head of the line has been its for longer
+    than `request_timeout_s`, or when the process has died without closing the pipe; either
+    way every call it still owes fails with `_WorkerLost`.
+    """
+
     def __init__(self, index: int, config: ProcessorConfig, pool: PoolConfig) -> None:
         self.index = index
         self.config = config
@@ -218,23 +262,24 @@ class _ProcessWorker:
         self._ctx = _mp_context(pool.start_method)
         self._abort = threading.Event()
         self.proc: Any = None
-        self.conn: Any = None
+        self._sock: socket.socket | None = None
         self.depth = pool.worker_depth
         #: Bumped at each start: calls of an earlier process fail instead of reading this one's.
         self.generation = 0
-        # Requests go down the pipe in ticket order and replies come back in the same order;
-        # each call reads its own reply when its ticket's turn comes.
-        self._send_lock = threading.Lock()
-        self._turn = threading.Condition()
-        self._sent = 0
-        self._answered = 0
+        #: Calls awaiting a reply from the current process, in the order they were sent.
+        self._pending: collections.deque[asyncio.Future[tuple]] = collections.deque()
+        #: When the call at the head of `_pending` became the worker's (monotonic).
+        self._turn_since = 0.0
+        self._send_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._lost_reason: str | None = None
 
     def abort(self) -> None:
         """Make a start() in progress (e.g. a restart) give up; used by close()."""
         self._abort.set()
 
-    def start(self) -> tuple[ModelProfile, float]:
-        """Spawn and wait until the worker's processor is built (blocking)."""
+    def _spawn(self) -> tuple[Any, Any, ModelProfile, float]:
+        """Start the process and wait until its processor is built (blocking; on a thread)."""
         parent, child = self._ctx.Pipe(duplex=True)
         threads = self.pool.torch_threads
         proc = self._ctx.Process(
@@ -269,72 +314,118 @@ class _ProcessWorker:
             _kill(proc)
             parent.close()
             raise RuntimeError(f"preprocessor worker {self.index} failed to start: {msg[1].message}")
-        with self._turn:
-            self.proc, self.conn = proc, parent
-            self.generation += 1
-            self._sent = self._answered = 0
-            self._turn.notify_all()
-        return msg[1], msg[2]
+        return proc, parent, msg[1], msg[2]
 
-    def call(self, prompt: PromptInput, kwargs: Mapping[str, Any] | None) -> tuple:
-        """Run one request (blocking; called on a helper thread, up to `depth` at once); see
-        `_run`."""
-        timeout = self.pool.request_timeout_s
-        with self._send_lock:
-            # stop() (close, timeout) may clear the attributes: one consistent snapshot.
-            proc, conn, generation = self.proc, self.conn, self.generation
-            if proc is None or conn is None:
-                raise _WorkerLost(f"worker {self.index} is not running")
+    async def start(self) -> tuple[ModelProfile, float]:
+        """Spawn the worker and wait until its processor is built."""
+        proc, conn, profile, build_s = await asyncio.to_thread(self._spawn)
+        # The event loop serves the pipe from here on: a non-blocking socket of our own.
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        conn.close()
+        sock.setblocking(False)
+        self.generation += 1
+        self.proc, self._sock = proc, sock
+        self._pending = collections.deque()
+        self._lost_reason = None
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._read_replies(sock, self._pending, self.generation)),
+            loop.create_task(self._watch(proc, self._pending, self.generation)),
+        ]
+        return profile, build_s
+
+    async def call(self, prompt: PromptInput, kwargs: Mapping[str, Any] | None) -> tuple:
+        """Run one request (up to `depth` at once); see `_run`."""
+        sock, pending, generation = self._sock, self._pending, self.generation
+        if sock is None:
+            raise _WorkerLost(self._lost_reason or f"worker {self.index} is not running")
+        frame = _frame(pickle.dumps((prompt, dict(kwargs) if kwargs else None),
+                                    protocol=pickle.HIGHEST_PROTOCOL))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple] = loop.create_future()
+        async with self._send_lock:  # whole frames, in the order of `pending`
+            if self.generation != generation or self._sock is None:
+                raise _WorkerLost(self._lost_reason or f"worker {self.index} was restarted")
+            if not pending:
+                self._turn_since = time.monotonic()
+            pending.append(fut)
             try:
-                conn.send((prompt, dict(kwargs) if kwargs else None))
-            except (OSError, ValueError) as e:
-                raise _WorkerLost(f"lost the connection to worker {self.index}: {e}") from None
-            ticket = self._sent
-            self._sent += 1
-        with self._turn:
-            while self._answered != ticket and self.generation == generation:
-                self._turn.wait(0.25)
-            if self.generation != generation:
-                raise _WorkerLost(f"worker {self.index} was restarted")
-        try:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while not conn.poll(0.25):
-                if not proc.is_alive():
-                    raise _WorkerLost(f"worker {self.index} exited with code {proc.exitcode}")
-                if deadline is not None and time.monotonic() > deadline:
-                    self.stop(grace_s=0)
-                    raise _WorkerLost(
-                        f"processing took longer than {timeout} s; worker {self.index} was stopped"
-                    )
-            status, payload = conn.recv()
-            if status != "ok":
-                raise payload
-            head, items, metrics, encode_s = payload
-            full = [conn.recv_bytes() for _ in items]
-        except (EOFError, OSError, ValueError) as e:  # ValueError: a closed Connection
-            raise _WorkerLost(f"lost the connection to worker {self.index}: {e}") from None
-        finally:
-            with self._turn:
-                if self.generation == generation:
-                    self._answered += 1
-                self._turn.notify_all()
-        encoded = EncodedPrompt(
-            head, tuple(EncodedItem(h, f, bare) for (h, bare), f in zip(items, full, strict=True))
-        )
-        return encoded, metrics, encode_s
+                await loop.sock_sendall(sock, frame)
+            except OSError as e:
+                self._lose(generation, f"lost the connection to worker {self.index}: {e}")
+        status, payload = await fut
+        if status != "ok":
+            raise payload
+        return payload
 
-    def stop(self, grace_s: float = 5.0) -> None:
-        proc, conn = self.proc, self.conn
+    async def _read_replies(self, sock: socket.socket, pending: collections.deque, generation: int) -> None:
+        """Hand each reply of this process to the oldest call waiting for one."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                reply = pickle.loads(await _recv_frame(loop, sock))
+                if reply[0] == "ok":
+                    head, items, metrics, encode_s = reply[1]
+                    full = [await _recv_frame(loop, sock) for _ in items]
+                    encoded = EncodedPrompt(head, tuple(
+                        EncodedItem(h, f, bare) for (h, bare), f in zip(items, full, strict=True)))
+                    reply = ("ok", (encoded, metrics, encode_s))
+                if not pending:
+                    raise EOFError("a reply nobody asked for")
+                fut = pending.popleft()
+                self._turn_since = time.monotonic()
+                if not fut.done():
+                    fut.set_result(reply)
+        except asyncio.CancelledError:
+            raise
+        except (EOFError, OSError, pickle.UnpicklingError, ValueError) as e:
+            self._lose(generation, f"lost the connection to worker {self.index}: {e}")
+
+    async def _watch(self, proc: Any, pending: collections.deque, generation: int) -> None:
+        """Stop the process when the request it owes has taken too long or it died silently."""
+        timeout = self.pool.request_timeout_s
+        while self.generation == generation and self._sock is not None:
+            await asyncio.sleep(0.25)
+            if not proc.is_alive():
+                self._lose(generation, f"worker {self.index} exited with code {proc.exitcode}")
+            elif pending and timeout is not None and time.monotonic() - self._turn_since > timeout:
+                self._lose(generation, f"processing took longer than {timeout} s; worker "
+                                       f"{self.index} was stopped")
+
+    async def _send_stop(self, sock: socket.socket) -> None:
+        async with self._send_lock:
+            await asyncio.get_running_loop().sock_sendall(sock, _frame(pickle.dumps(None)))
+
+    def _lose(self, generation: int, reason: str) -> None:
+        """This process is gone or unusable: kill it and fail every call it owes."""
+        if generation != self.generation or self._sock is None:
+            return
+        self._lost_reason = reason
+        sock, self._sock = self._sock, None
+        with contextlib.suppress(Exception):
+            sock.close()
+        if self.proc is not None and self.proc.is_alive():
+            self.proc.kill()  # reaped by stop()
+        while self._pending:
+            fut = self._pending.popleft()
+            if not fut.done():
+                fut.set_exception(_WorkerLost(reason))
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        proc, sock = self.proc, self._sock
         if proc is None:
             return
-        if grace_s > 0 and proc.is_alive():
-            with contextlib.suppress(Exception):
-                conn.send(None)
-            proc.join(grace_s)
-        _kill(proc)
-        with contextlib.suppress(Exception):
-            conn.close()
-        self.proc = self.conn = None
+        if grace_s > 0 and sock is not None and proc.is_alive():
+            with contextlib.suppress(Exception):  # asked to exit; killed below if it does not
+                await asyncio.wait_for(self._send_stop(sock), grace_s)
+                await asyncio.to_thread(proc.join, grace_s)
+        self._lose(self.generation, f"worker {self.index} was stopped")
+        await asyncio.to_thread(_kill, proc)
+        self.proc = None
 
 
 def _kill(proc: Any) -> None:
@@ -353,17 +444,23 @@ class _InlineWorker:
     def __init__(self, config: ProcessorConfig) -> None:
         self.config = config
         self.processor: Processor | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-preprocessor")
 
-    def start(self) -> tuple[ModelProfile, float]:
-        self.processor = Processor(self.config)
-        if self.config.warmup:
-            self.processor.warmup()
+    async def start(self) -> tuple[ModelProfile, float]:
+        def build() -> Processor:
+            processor = Processor(self.config)
+            if self.config.warmup:
+                processor.warmup()
+            return processor
+
+        self.processor = await asyncio.get_running_loop().run_in_executor(self._thread, build)
         return self.processor.profile, self.processor.build_seconds
 
-    def call(self, prompt: PromptInput, kwargs: Mapping[str, Any] | None) -> tuple:
+    async def call(self, prompt: PromptInput, kwargs: Mapping[str, Any] | None) -> tuple:
         assert self.processor is not None
+        loop = asyncio.get_running_loop()
         try:
-            return _run(self.processor, prompt, kwargs)
+            return await loop.run_in_executor(self._thread, _run, self.processor, prompt, kwargs)
         except VlmError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -373,11 +470,12 @@ class _InlineWorker:
     def abort(self) -> None:
         pass
 
-    def stop(self, grace_s: float = 0.0) -> None:
+    async def stop(self, grace_s: float = 0.0) -> None:
         if self.processor is not None:
             with contextlib.suppress(Exception):
                 self.processor.renderer.shutdown()
         self.processor = None
+        self._thread.shutdown(wait=False, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,10 +495,6 @@ class Preprocessor:
         self._down: set[int] = set()
         #: Requests waiting for a worker, first come first served.
         self._waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
-        self._threads = ThreadPoolExecutor(
-            max_workers=max(1, pool.workers * pool.worker_depth),
-            thread_name_prefix="vlm-preprocessor-io",
-        )
         self._profile: ModelProfile | None = None
         self._closed = False
         self._restart_tasks: set[asyncio.Task[None]] = set()
@@ -419,13 +513,10 @@ class Preprocessor:
             self._workers = [_InlineWorker(config)]
         else:
             self._workers = [_ProcessWorker(i, config, pool) for i in range(pool.workers)]
-        results = await asyncio.gather(
-            *(asyncio.to_thread(w.start) for w in self._workers), return_exceptions=True
-        )
+        results = await asyncio.gather(*(w.start() for w in self._workers), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
-            await asyncio.to_thread(self._stop_all)
-            self._threads.shutdown(wait=False)
+            await self._stop_all()
             raise failures[0]
         self._profile = results[0][0]
         self.build_seconds = [r[1] for r in results]
@@ -485,12 +576,13 @@ class Preprocessor:
                 )
             worker = await self._wait_for_worker()
         queue_s = time.perf_counter() - t0
-        loop = asyncio.get_running_loop()
         self._in_flight += 1
-        fut = loop.run_in_executor(self._threads, worker.call, prompt, processor_kwargs)
-        fut.add_done_callback(partial(self._on_done, worker, worker.generation))
+        # Shielded: a caller that gives up does not take the worker's answer (and the room it
+        # frees) with it; `_on_done` accounts for it when it arrives.
+        call = asyncio.get_running_loop().create_task(worker.call(prompt, processor_kwargs))
+        call.add_done_callback(partial(self._on_done, worker, worker.generation))
         try:
-            encoded, metrics, encode_s = await asyncio.shield(fut)
+            encoded, metrics, encode_s = await asyncio.shield(call)
         except _WorkerLost as e:
             self._failed += 1
             raise Unavailable(f"preprocessing worker lost: {e}; retry") from None
@@ -532,15 +624,12 @@ class Preprocessor:
             fut = self._waiters.popleft()
             if not fut.done():
                 fut.set_result(None)
-        await asyncio.to_thread(self._stop_all)
-        self._threads.shutdown(wait=False, cancel_futures=True)
+        await self._stop_all()
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _stop_all(self) -> None:
-        for w in self._workers:
-            with contextlib.suppress(Exception):
-                w.stop()
+    async def _stop_all(self) -> None:
+        await asyncio.gather(*(w.stop() for w in self._workers), return_exceptions=True)
 
     def _least_loaded(self) -> Any:
         """The running worker holding the fewest requests, if it has room for one more."""
@@ -605,9 +694,9 @@ class Preprocessor:
         delay = 1.0
         try:
             while not self._closed:
-                await asyncio.to_thread(worker.stop, 0)
+                await worker.stop(0)
                 try:
-                    await asyncio.to_thread(worker.start)
+                    await worker.start()
                 except Exception:  # noqa: BLE001
                     logger.exception("restarting preprocessor worker %d failed", worker.index)
                     await asyncio.sleep(delay)
@@ -615,7 +704,7 @@ class Preprocessor:
                     continue
                 self._restarts += 1
                 if self._closed:
-                    await asyncio.to_thread(worker.stop)
+                    await worker.stop()
                 return
         finally:
             self._down.discard(worker.index)

@@ -204,3 +204,43 @@ async def test_each_worker_holds_two_requests_and_a_death_restarts_it_once(tiny_
         assert pre.stats().in_flight == 0
     finally:
         await pre.close()
+
+
+async def test_a_request_past_its_deadline_stops_the_worker_which_is_restarted(tiny_model):
+    """--request-timeout: a request still unanswered when its time in the worker's hands runs
+    out fails with Unavailable naming the timeout; the worker is replaced, and a caller that
+    gave up meanwhile does not leave its room on the worker taken."""
+    pre = await Preprocessor.start(
+        ProcessorConfig(model=str(tiny_model("llava")), warmup=False, cache_bytes=0),
+        PoolConfig(workers=1, max_queue=8, request_timeout_s=0.0),
+    )
+    try:
+        with pytest.raises(Unavailable, match="longer than 0.0 s"):
+            await pre.preprocess(request(image_bytes(1024, 768, seed=400)))
+        deadline = time.monotonic() + 120
+        while pre.stats().worker_restarts_total < 1:
+            assert time.monotonic() < deadline, "the worker was not replaced"
+            await asyncio.sleep(0.2)
+        assert pre.stats().in_flight == 0
+        assert pre._load == {0: 0}
+    finally:
+        await pre.close()
+
+
+async def test_a_cancelled_caller_leaves_the_pipe_in_step(pool):
+    """Callers that give up while their request is in a worker's hands: the worker's answers
+    are still read (in order) and dropped, and the next callers get their own answers."""
+    tasks = [asyncio.create_task(pool.preprocess_detailed(request(image_bytes(512, 384, seed=500 + i))))
+             for i in range(4)]
+    await asyncio.sleep(0.05)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    a, b = await asyncio.gather(pool.preprocess_detailed(request(IMG_A)), pool.preprocess_detailed(request(IMG_B)))
+    assert a.prompt.hashes != b.prompt.hashes
+    assert a.prompt.hashes == (await pool.preprocess_detailed(request(IMG_A))).prompt.hashes
+    assert b.prompt.hashes == (await pool.preprocess_detailed(request(IMG_B))).prompt.hashes
+    deadline = time.monotonic() + 30
+    while pool.stats().in_flight:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
