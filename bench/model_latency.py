@@ -39,11 +39,13 @@ import argparse
 import asyncio
 import dataclasses
 import os
+import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -496,7 +498,7 @@ def _prepare(model_dir: Path, env: dict[str, str], out_dir: Path) -> float:
 
 def run(*, quick: bool = False, out_dir: Path = DEFAULT_OUT, rounds: int | None = None,
         systems: list[str] | None = None, py_spy_s: float = 0.0, gap_s: float | None = None,
-        freeze_idle: bool = True) -> dict[str, Any]:
+        freeze_idle: bool = True, preprocessor_args: Sequence[str] = ()) -> dict[str, Any]:
     from bench.model_systems import TEXT, child_env, raw_prompt
     from vlm.testing.tiny_models import build_tiny_model
 
@@ -519,6 +521,7 @@ def run(*, quick: bool = False, out_dir: Path = DEFAULT_OUT, rounds: int | None 
         "systems_requested": wanted,
         "prompt": {"chat_text": TEXT},
         "engine_kwargs": engine_kwargs(),
+        "preprocessor_args": list(preprocessor_args),
         "machine": machine_info(),
         "systems": {},
     }
@@ -541,6 +544,7 @@ def run(*, quick: bool = False, out_dir: Path = DEFAULT_OUT, rounds: int | None 
             "model_dir": model_dir, "images": images, "jpegs": jpegs, "engine_kwargs": engine_kwargs(),
             "max_tokens": s.max_tokens, "out_dir": out_dir, "env": env,
             "profile_images": list(range(n_set, n)),
+            "preprocessor_args": list(preprocessor_args),
         }
         if "inproc" in wanted:  # started first: it fills vLLM's model-info cache, outside its timing
             ctx["warm_model_info"] = True
@@ -662,7 +666,9 @@ def render_markdown(data: dict[str, Any]) -> str:
          f"request; every system is its own OS process(es); {s['rounds']} alternating round(s) per N, "
          f"{s['gap_s']:.1f} s between systems{frozen}{' (QUICK: smoke settings)' if data['quick'] else ''}; "
          f"{data['machine']['cpu_count']} CPUs, load average {fmt(data['machine']['loadavg_1m'], 2)} at start; "
-         f"run took {fmt(data.get('total_s'), 0)} s."),
+         f"run took {fmt(data.get('total_s'), 0)} s."
+         + (f" The pair's preprocessor also had `{' '.join(data['preprocessor_args'])}`."
+            if data.get("preprocessor_args") else "")),
         "",
         md_table(["figure", *names], rows),
         "",
@@ -716,6 +722,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="leave the idle systems running during another system's rounds (default: SIGSTOP them)")
     p.add_argument("--systems", default=",".join(ALL_SYSTEMS),
                    help=f"comma-separated subset of {','.join(ALL_SYSTEMS)} (default: all available)")
+    p.add_argument("--preprocessor-args", default="", metavar="ARGS",
+                   help="extra flags for the pair's `vlm serve-preprocessor`, e.g. '--worker-depth 2'")
     p.add_argument("--py-spy", type=float, default=0.0, metavar="SECONDS",
                    help="after the rounds, profile both pair services with py-spy for SECONDS at N=4")
     args = p.parse_args(argv)
@@ -724,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"unknown system(s): {', '.join(bad)}")
     run(quick=args.quick, out_dir=args.out, rounds=args.rounds, systems=wanted, py_spy_s=args.py_spy, gap_s=args.gap,
-        freeze_idle=not args.no_freeze)
+        freeze_idle=not args.no_freeze, preprocessor_args=shlex.split(args.preprocessor_args))
     return 0
 
 

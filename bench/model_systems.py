@@ -572,7 +572,8 @@ class PairSystem(System):
                    "--workers", "1", "--model-target", f"127.0.0.1:{self.model_port}",
                    *preprocessor_cpus_args(),
                    "--dtype", str(c["engine_kwargs"]["dtype"]),
-                   "--max-model-len", str(c["engine_kwargs"]["max_model_len"])]
+                   "--max-model-len", str(c["engine_kwargs"]["max_model_len"]),
+                   *c.get("preprocessor_args", ())]
         # Started together, as compose does.
         self.groups = [ProcGroup("model_svc", model_cmd, c["env"], self.log_path("model_svc")).start(),
                        ProcGroup("preprocessor_svc", pre_cmd, c["env"], self.log_path("preprocessor_svc")).start()]

@@ -262,7 +262,9 @@ class _ProcessWorker:
         self._ctx = _mp_context(pool.start_method)
         self._abort = threading.Event()
         self.proc: Any = None
+        #: This end of the pipe while it may be written to; `_own_sock` until stop() closes it.
         self._sock: socket.socket | None = None
+        self._own_sock: socket.socket | None = None
         self.depth = pool.worker_depth
         #: Bumped at each start: calls of an earlier process fail instead of reading this one's.
         self.generation = 0
@@ -324,7 +326,7 @@ class _ProcessWorker:
         conn.close()
         sock.setblocking(False)
         self.generation += 1
-        self.proc, self._sock = proc, sock
+        self.proc, self._sock, self._own_sock = proc, sock, sock
         self._pending = collections.deque()
         self._lost_reason = None
         loop = asyncio.get_running_loop()
@@ -401,9 +403,9 @@ class _ProcessWorker:
         if generation != self.generation or self._sock is None:
             return
         self._lost_reason = reason
-        sock, self._sock = self._sock, None
-        with contextlib.suppress(Exception):
-            sock.close()
+        # No more sends. The socket itself is closed by stop(), once the tasks using it have
+        # ended: closed now, its descriptor could be reused while the loop still watches it.
+        self._sock = None
         if self.proc is not None and self.proc.is_alive():
             self.proc.kill()  # reaped by stop()
         while self._pending:
@@ -424,6 +426,10 @@ class _ProcessWorker:
                 await asyncio.wait_for(self._send_stop(sock), grace_s)
                 await asyncio.to_thread(proc.join, grace_s)
         self._lose(self.generation, f"worker {self.index} was stopped")
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._own_sock is not None:
+            self._own_sock.close()
+            self._own_sock = None
         await asyncio.to_thread(_kill, proc)
         self.proc = None
 
