@@ -272,6 +272,7 @@ class _ProcessWorker:
         self._pending: collections.deque[asyncio.Future[tuple]] = collections.deque()
         #: When the call at the head of `_pending` became the worker's (monotonic).
         self._turn_since = 0.0
+        self._head_changed = asyncio.Event()
         self._send_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._lost_reason: str | None = None
@@ -350,6 +351,7 @@ class _ProcessWorker:
                 raise _WorkerLost(self._lost_reason or f"worker {self.index} was restarted")
             if not pending:
                 self._turn_since = time.monotonic()
+                self._head_changed.set()
             pending.append(fut)
             try:
                 await loop.sock_sendall(sock, frame)
@@ -376,6 +378,7 @@ class _ProcessWorker:
                     raise EOFError("a reply nobody asked for")
                 fut = pending.popleft()
                 self._turn_since = time.monotonic()
+                self._head_changed.set()
                 if not fut.done():
                     fut.set_result(reply)
         except asyncio.CancelledError:
@@ -384,15 +387,25 @@ class _ProcessWorker:
             self._lose(generation, f"lost the connection to worker {self.index}: {e}")
 
     async def _watch(self, proc: Any, pending: collections.deque, generation: int) -> None:
-        """Stop the process when the request it owes has taken too long or it died silently."""
+        """Stop the process when the request at the head of the line passes its deadline (woken
+        whenever the head changes, so the deadline is kept to the loop's resolution), or when
+        it died without closing the pipe (checked every 0.25 s)."""
         timeout = self.pool.request_timeout_s
         while self.generation == generation and self._sock is not None:
-            await asyncio.sleep(0.25)
             if not proc.is_alive():
                 self._lose(generation, f"worker {self.index} exited with code {proc.exitcode}")
-            elif pending and timeout is not None and time.monotonic() - self._turn_since > timeout:
-                self._lose(generation, f"processing took longer than {timeout} s; worker "
-                                       f"{self.index} was stopped")
+                return
+            wait = 0.25
+            if pending and timeout is not None:
+                left = self._turn_since + timeout - time.monotonic()
+                if left <= 0:
+                    self._lose(generation, f"processing took longer than {timeout} s; worker "
+                                           f"{self.index} was stopped")
+                    return
+                wait = min(wait, left)
+            self._head_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._head_changed.wait(), wait)
 
     async def _send_stop(self, sock: socket.socket) -> None:
         async with self._send_lock:
