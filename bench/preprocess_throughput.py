@@ -22,8 +22,8 @@ few seconds apart):
    do_normalize=False`, which vLLM 0.32 adds (it normalises Qwen2-VL pixels on the device, so
    its processor returns uint8 and does less CPU work); the service is also compared to it;
 3. **service**: `python -m preprocessor_svc.main` (what `vlm serve-preprocessor` runs) as its
-   own process tree, with `--workers` 1 and 2, each at `--worker-depth` 1 (the default) and 2
-   (pipelined), driven from this process by `PreprocessorClient.preprocess` with 2 × workers
+   own process tree, with `--workers` 1 and 2, each at `--worker-depth` 1 (idle workers only)
+   and 2 (pipelined, the default), driven from this process by `PreprocessorClient.preprocess` with 2 × workers
    requests in flight, one distinct JPEG per request (`--processor-cache-bytes 0`, so no
    processor-cache hits). Every configuration is started once and frozen (SIGSTOP) while
    anything else is measured; each run opens a fresh channel and warms up first.
@@ -89,14 +89,15 @@ class Settings:
     #: Alternating rounds: HF baseline, then each service configuration.
     rounds: int
     workers: tuple[int, ...] = (1, 2)
-    #: `--worker-depth` values measured for each worker count (1: the default; 2: pipelined).
+    #: `--worker-depth` values measured for each worker count (1: idle workers only; 2: pipelined,
+    #: the default).
     depths: tuple[int, ...] = (1, 2)
     in_flight_per_worker: int = 2
     image_size: tuple[int, int] = (1024, 768)
     jpeg_quality: int = 90
 
 
-QUICK = Settings(duration_s=1.5, min_requests=4, pool=12, warmup=1, rounds=1, depths=(1,))
+QUICK = Settings(duration_s=1.5, min_requests=4, pool=12, warmup=1, rounds=1, depths=(2,))
 FULL = Settings(duration_s=6.0, min_requests=16, pool=64, warmup=2, rounds=3)
 
 

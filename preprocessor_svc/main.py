@@ -54,9 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op threads per worker process (scale out with --workers)")
     p.add_argument("--worker-depth", type=int, default=PoolConfig.worker_depth,
-                   help="requests handed to each worker at once (default 1: only to an idle "
-                        "worker, for latency); 2 pipelines, its next request already in its pipe "
-                        "when it finishes one, for preprocessing throughput")
+                   help="requests handed to each worker at once (default 2: its next request "
+                        "is already in its pipe when it finishes one; 1: only to an idle worker)")
     p.add_argument("--cpus", type=_cpu_list, default=None, metavar="LIST",
                    help="run this service and its workers on these CPUs only (taskset syntax, "
                         "e.g. 3 or 2-3). Beside a CPU vLLM engine, give it the CPUs vLLM leaves "

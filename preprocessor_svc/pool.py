@@ -73,13 +73,14 @@ class PoolConfig:
     #: thread each leaves the cores to the other workers, the event loop and (on a shared host)
     #: the engine; measured on 2 cores, 2 threads per worker were slower, not faster.
     torch_threads: int = 1
-    #: Requests handed to each worker process at once. With 2, a worker's next request is
-    #: already in its pipe when it finishes one, so it never idles while this process collects
-    #: the result and sends more (measured +21% images/s with 1 worker), but requests commit to
-    #: a worker early, and serving through the gateway measured a higher time to first token at
-    #: 4 concurrent requests (`vlm bench model`): 1, the default, favours latency. The deadline
-    #: below counts from the worker's turn.
-    worker_depth: int = 1
+    #: Requests handed to each worker process at once. With 2 (the default), a worker's next
+    #: request is already in its pipe when it finishes one, so it does not idle while this
+    #: process reads the result and sends more: `vlm bench preprocess` measured +13-17% images/s
+    #: with 1 worker, and through the gateway (`vlm bench model`, 5 rounds each) the pair's TTFT
+    #: stayed below `vllm serve`'s. Least-loaded dispatch fills idle workers first, so a second
+    #: request waits behind a first only when every worker is busy. 1 hands a request only to an
+    #: idle worker. The deadline below counts from the request's turn.
+    worker_depth: int = 2
     #: Per-request processing deadline in a worker process (the worker is restarted after it).
     request_timeout_s: float | None = 120.0
     startup_timeout_s: float = 600.0
