@@ -61,7 +61,6 @@ from bench.common import (
     log,
     machine_info,
     md_table,
-    percentile,
     ratio,
     synthetic_jpegs,
     write_results,

@@ -263,9 +263,8 @@ class _ProcessWorker:
         self._ctx = _mp_context(pool.start_method)
         self._abort = threading.Event()
         self.proc: Any = None
-        #: This end of the pipe while it may be written to; `_own_sock` until stop() closes it.
+        #: This end of the pipe (non-blocking), from start() until stop() closes it.
         self._sock: socket.socket | None = None
-        self._own_sock: socket.socket | None = None
         self.depth = pool.worker_depth
         #: Bumped at each start: calls of an earlier process fail instead of reading this one's.
         self.generation = 0
@@ -276,6 +275,7 @@ class _ProcessWorker:
         self._head_changed = asyncio.Event()
         self._send_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        #: Why the current process was lost (set by `_lose`); from then on nothing is sent.
         self._lost_reason: str | None = None
 
     def abort(self) -> None:
@@ -328,7 +328,7 @@ class _ProcessWorker:
         conn.close()
         sock.setblocking(False)
         self.generation += 1
-        self.proc, self._sock, self._own_sock = proc, sock, sock
+        self.proc, self._sock = proc, sock
         self._pending = collections.deque()
         self._lost_reason = None
         loop = asyncio.get_running_loop()
@@ -341,14 +341,14 @@ class _ProcessWorker:
     async def call(self, prompt: PromptInput, kwargs: Mapping[str, Any] | None) -> tuple:
         """Run one request (up to `depth` at once); see `_run`."""
         sock, pending, generation = self._sock, self._pending, self.generation
-        if sock is None:
+        if sock is None or self._lost_reason is not None:
             raise _WorkerLost(self._lost_reason or f"worker {self.index} is not running")
         frame = _frame(pickle.dumps((prompt, dict(kwargs) if kwargs else None),
                                     protocol=pickle.HIGHEST_PROTOCOL))
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple] = loop.create_future()
         async with self._send_lock:  # whole frames, in the order of `pending`
-            if self.generation != generation or self._sock is None:
+            if self.generation != generation or self._lost_reason is not None:
                 raise _WorkerLost(self._lost_reason or f"worker {self.index} was restarted")
             if not pending:
                 self._turn_since = time.monotonic()
@@ -392,7 +392,7 @@ class _ProcessWorker:
         whenever the head changes, so the deadline is kept to the loop's resolution), or when
         it died without closing the pipe (checked every 0.25 s)."""
         timeout = self.pool.request_timeout_s
-        while self.generation == generation and self._sock is not None:
+        while self.generation == generation and self._lost_reason is None:
             if not proc.is_alive():
                 self._lose(generation, f"worker {self.index} exited with code {proc.exitcode}")
                 return
@@ -414,12 +414,11 @@ class _ProcessWorker:
 
     def _lose(self, generation: int, reason: str) -> None:
         """This process is gone or unusable: kill it and fail every call it owes."""
-        if generation != self.generation or self._sock is None:
+        if generation != self.generation or self._lost_reason is not None:
             return
-        self._lost_reason = reason
         # No more sends. The socket itself is closed by stop(), once the tasks using it have
         # ended: closed now, its descriptor could be reused while the loop still watches it.
-        self._sock = None
+        self._lost_reason = reason
         if self.proc is not None and self.proc.is_alive():
             self.proc.kill()  # reaped by stop()
         while self._pending:
@@ -435,15 +434,15 @@ class _ProcessWorker:
         proc, sock = self.proc, self._sock
         if proc is None:
             return
-        if grace_s > 0 and sock is not None and proc.is_alive():
+        if grace_s > 0 and sock is not None and self._lost_reason is None and proc.is_alive():
             with contextlib.suppress(Exception):  # asked to exit; killed below if it does not
                 await asyncio.wait_for(self._send_stop(sock), grace_s)
                 await asyncio.to_thread(proc.join, grace_s)
         self._lose(self.generation, f"worker {self.index} was stopped")
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._own_sock is not None:
-            self._own_sock.close()
-            self._own_sock = None
+        if sock is not None:
+            sock.close()
+            self._sock = None
         await asyncio.to_thread(_kill, proc)
         self.proc = None
 

@@ -14,10 +14,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import logging
-import os
 import signal
 import time
 import traceback
