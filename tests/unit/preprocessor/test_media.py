@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from preprocessor_svc.media import MediaDecoder, MediaLimits, sniff_video_container
-from tests.unit.preprocessor.samples import blank_image_bytes, image_bytes, video_bytes
+from tests.unit.preprocessor.samples import blank_image_bytes, image_bytes, rgb_array, video_bytes
 from vlm.errors import InvalidArgument, InvalidMedia
 from vlm.types import Media, Modality
 
@@ -52,6 +52,78 @@ def test_exif_orientation_applied():
     buf = io.BytesIO()
     img.save(buf, "JPEG", exif=exif.tobytes())
     assert decode(buf.getvalue()).media.size == (20, 40)
+
+
+def _with_alpha(mode: str, fmt: str) -> bytes:
+    alpha = np.arange(0, 240, 4, dtype=np.uint8).reshape(6, 10, 1)  # a gradient, 0 to 236
+    rgba = Image.fromarray(np.concatenate([rgb_array(10, 6, seed=3), alpha], axis=2), "RGBA")
+    img = rgba if mode == "RGBA" else rgba.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def _oriented_jpeg(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return image_bytes(24, 10, seed=orientation, fmt="JPEG", exif=exif.tobytes())
+
+
+def _palette_with_transparency() -> bytes:
+    img = Image.fromarray(rgb_array(9, 7, seed=4)).convert("P")
+    buf = io.BytesIO()
+    img.save(buf, "PNG", transparency=3)
+    return buf.getvalue()
+
+
+PARITY_IMAGES = {
+    **{f"jpeg-orientation-{o}": (lambda o=o: _oriented_jpeg(o)) for o in range(1, 9)},
+    "png-rgb": lambda: image_bytes(13, 9, seed=1),
+    "png-rgba": lambda: _with_alpha("RGBA", "PNG"),
+    "png-la": lambda: _with_alpha("LA", "PNG"),
+    "png-l": lambda: image_bytes(13, 9, seed=2, mode="L"),
+    "png-i16": lambda: image_bytes(13, 9, seed=2, mode="I;16"),
+    "png-palette-transparency": _palette_with_transparency,
+    "gif": lambda: image_bytes(11, 5, mode="P", fmt="GIF"),
+    "jpeg-cmyk": lambda: image_bytes(12, 8, seed=6, mode="CMYK", fmt="JPEG"),
+    "webp-rgba": lambda: _with_alpha("RGBA", "WEBP"),
+    "tiff": lambda: image_bytes(12, 8, seed=7, fmt="TIFF"),
+    "bmp": lambda: image_bytes(12, 8, seed=8, fmt="BMP"),
+}
+IO_KWARGS = {
+    "default": {},
+    "black-background": {"rgba_background_color": [0, 0, 0]},
+    "keep-mode": {"image_mode": None},
+    "to-L": {"image_mode": "L"},
+}
+
+
+@pytest.mark.parametrize("io_kwargs", IO_KWARGS.values(), ids=IO_KWARGS.keys())
+@pytest.mark.parametrize("make", PARITY_IMAGES.values(), ids=PARITY_IMAGES.keys())
+def test_image_decode_matches_vllm_media_io(make, io_kwargs):
+    """Our one-pass decode gives what vLLM's `ImageMediaIO.load_bytes` gives: pixels, mode,
+    size, the bytes vLLM hashes and the io config that joins them in the hash."""
+    from vllm.multimodal.media.image import ImageMediaIO
+
+    data = make()
+    ours = decode(data, decoder=MediaDecoder(image_io_kwargs=io_kwargs))
+    theirs = ImageMediaIO(**io_kwargs).load_bytes(data)
+    assert type(ours) is type(theirs)
+    assert (ours.media.mode, ours.media.size) == (theirs.media.mode, theirs.media.size)
+    assert np.array_equal(np.asarray(ours.media), np.asarray(theirs.media))
+    assert ours.original_bytes == theirs.original_bytes == data
+    assert ours.io_config == theirs.io_config
+
+
+def test_invalid_io_kwargs_are_bad_media_not_a_crash():
+    err = bad(image_bytes(8, 8), decoder=MediaDecoder(image_io_kwargs={"rgba_background_color": [1, 2]}))
+    assert "rgba_background_color" in err.message
+
+
+def test_vllm_pixel_limit_is_kept(monkeypatch):
+    monkeypatch.setenv("VLLM_MAX_IMAGE_PIXELS", "100")
+    assert "100 pixels" in bad(image_bytes(11, 10)).message
+    assert decode(image_bytes(10, 10)).media.size == (10, 10)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"])
