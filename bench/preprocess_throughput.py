@@ -226,6 +226,7 @@ def hf_run(
         _hf_one(proc, prompt, jpegs[(start + i) % len(jpegs)], kwargs)
     lat: list[float] = []
     t_start = time.perf_counter()
+    cpu_start = time.process_time()  # this process: the HF call's threads (the client is idle)
     i = start
     while True:
         t = time.perf_counter()
@@ -240,6 +241,7 @@ def hf_run(
         "distinct_images": min(len(lat), len(jpegs)),
         "seconds": elapsed,
         "images_per_s": len(lat) / elapsed,
+        "cpu_ms_per_image": (time.process_time() - cpu_start) / len(lat) * 1000.0,
         "latency": latency_summary(lat),
     }
 
@@ -425,10 +427,12 @@ async def _family_run(fam: Family, root: Path, jpegs: list[bytes], s: Settings, 
         pv = row["fields"].get("pixel_values", {}).get("dtype")
         row["vllm_kwargs_confirmed"] = (pv == "torch.uint8") == bool(fam.vllm_hf_kwargs) if pv else None
         rows.append(row)
-    baseline = {"images_per_s": statistics.median(refs), "rounds": refs, "runs": baselines}
+    baseline = {"images_per_s": statistics.median(refs), "rounds": refs, "runs": baselines,
+                "cpu_ms_per_image": statistics.median(b["cpu_ms_per_image"] for b in baselines)}
     as_vllm = None
     if matched:
         as_vllm = {"kwargs": kw, "images_per_s": statistics.median(m["images_per_s"] for m in matched),
+                   "cpu_ms_per_image": statistics.median(m["cpu_ms_per_image"] for m in matched),
                    "ratio_vs_hf": statistics.median(
                        m["images_per_s"] / ref for m, ref in zip(matched, refs, strict=True)),
                    "runs": matched}
@@ -490,9 +494,15 @@ def render_markdown(data: dict[str, Any]) -> str:
          "vs HF as vLLM calls it"], rows
     ))
     lines += ["", "CPU per image (ms, medians over rounds; user + system from /proc, every process "
-              "of the service and the benchmark client):", ""]
+              "of the service and the benchmark client; for HF, this process while it calls the "
+              "processor with its default torch threads):", ""]
     rows = []
     for fam in data["families"]:
+        threads = fam["hf"]["torch_threads"]
+        for label, b in (("HF in-process", fam["baseline"]), ("HF as vLLM calls it", fam.get("baseline_as_vllm"))):
+            if b and "cpu_ms_per_image" in b:
+                rows.append([fam["label"], f"{label} ({threads} torch threads)", "–", "–", "–",
+                             fmt(b["cpu_ms_per_image"]), "", "", ""])
         for r in fam["service"]:
             cpu = r["cpu_ms_per_image"]
             workers = sum(v for k, v in cpu.items() if k.startswith("preprocessing worker"))
