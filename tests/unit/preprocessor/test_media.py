@@ -76,6 +76,15 @@ def _palette_with_transparency() -> bytes:
     return buf.getvalue()
 
 
+def _multi_frame(fmt: str) -> bytes:
+    frames = [Image.fromarray(rgb_array(10, 8, seed=s)) for s in (11, 12, 13)]
+    if fmt == "GIF":
+        frames = [f.convert("P") for f in frames]
+    buf = io.BytesIO()
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
 PARITY_IMAGES = {
     **{f"jpeg-orientation-{o}": (lambda o=o: _oriented_jpeg(o)) for o in range(1, 9)},
     "png-rgb": lambda: image_bytes(13, 9, seed=1),
@@ -85,6 +94,8 @@ PARITY_IMAGES = {
     "png-i16": lambda: image_bytes(13, 9, seed=2, mode="I;16"),
     "png-palette-transparency": _palette_with_transparency,
     "gif": lambda: image_bytes(11, 5, mode="P", fmt="GIF"),
+    "gif-animated": lambda: _multi_frame("GIF"),
+    "tiff-multipage": lambda: _multi_frame("TIFF"),
     "jpeg-cmyk": lambda: image_bytes(12, 8, seed=6, mode="CMYK", fmt="JPEG"),
     "webp-rgba": lambda: _with_alpha("RGBA", "WEBP"),
     "tiff": lambda: image_bytes(12, 8, seed=7, fmt="TIFF"),
