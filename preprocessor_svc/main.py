@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-depth", type=int, default=PoolConfig.worker_depth,
                    help="requests handed to each worker at once (default 2: its next request "
                         "is already in its pipe when it finishes one; 1: only to an idle worker)")
+    p.add_argument("--reply-slot-bytes", type=int, default=PoolConfig.reply_slot_bytes,
+                   metavar="BYTES",
+                   help="shared memory per request a worker holds, for its reply's tensors "
+                        "(default 32 MiB; larger replies and 0 use the pipe)")
     p.add_argument("--cpus", type=_cpu_list, default=None, metavar="LIST",
                    help="run this service and its workers on these CPUs only (taskset syntax, "
                         "e.g. 3 or 2-3). Beside a CPU vLLM engine, give it the CPUs vLLM leaves "
@@ -124,6 +128,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[ProcessorConfig, PoolCon
         max_queue=args.max_queue,
         torch_threads=args.torch_threads,
         worker_depth=args.worker_depth,
+        reply_slot_bytes=args.reply_slot_bytes,
         request_timeout_s=args.request_timeout,
     )
     return processor, pool

@@ -19,8 +19,10 @@ work, and a worker idled for milliseconds between requests. At most `max_queue` 
 replaced in the background; its request fails with `Unavailable` (retryable).
 
 One wire format: a worker encodes its result into the bytes that go on the wire
-(`convert.encode_prompt`) before handing it over, so the pipe carries a small pickled header and
-then each item's bytes as a raw message, and this process converts no tensor. Errors cross the
+(`convert.encode_prompt`) before handing it over, and this process converts no tensor. The pipe
+carries a small pickled header; the items' bytes go through shared memory (`_ReplySlots`, one
+slot per request a worker may hold, `reply_slot_bytes` each), or, when they do not fit or
+shared memory is off, through the pipe as raw messages after the header. Errors cross the
 pipe as the `vlm.errors` exceptions themselves (they pickle with every attribute).
 
 `workers=0` runs one `Processor` in this process on a single thread (tests, debugging), through
@@ -33,6 +35,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import mmap
 import multiprocessing
 import os
 import pickle
@@ -44,6 +47,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from multiprocessing import reduction
 from typing import Any
 
 import torch
@@ -81,6 +85,12 @@ class PoolConfig:
     #: request waits behind a first only when every worker is busy. 1 hands a request only to an
     #: idle worker. The deadline below counts from the request's turn.
     worker_depth: int = 2
+    #: Shared memory per request a worker holds, for the items' bytes of its reply (Linux
+    #: memfd, mapped by this process and the worker; pages are used only as far as replies
+    #: reach). Moving a reply through it instead of the pipe: measured 0.2-0.4 ms of CPU
+    #: instead of 1.7-2.2 ms for 680 KB (a 1024x768 LLaVA image), 1.1 instead of 6.5 ms for
+    #: 4.7 MB (Qwen2-VL). A reply that does not fit goes through the pipe. 0: always the pipe.
+    reply_slot_bytes: int = 32 << 20
     #: Per-request processing deadline in a worker process (the worker is restarted after it).
     request_timeout_s: float | None = 120.0
     startup_timeout_s: float = 600.0
@@ -99,6 +109,8 @@ class PoolConfig:
             raise ValueError("torch_threads must be >= 1")
         if self.worker_depth < 1:
             raise ValueError("worker_depth must be >= 1")
+        if self.reply_slot_bytes < 0:
+            raise ValueError("reply_slot_bytes must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -149,7 +161,9 @@ def _as_vlm_error(e: BaseException) -> VlmError:
 # ---------------------------------------------------------------------------------------------
 
 
-def _worker_main(config: ProcessorConfig, threads: int, conn: Any, index: int) -> None:
+def _worker_main(
+    config: ProcessorConfig, threads: int, conn: Any, index: int, slots: _ReplySlots | None
+) -> None:
     """Entry point of a worker process."""
     try:
         # Workers are the unit of parallelism: split the cores between them instead of letting
@@ -172,7 +186,7 @@ def _worker_main(config: ProcessorConfig, threads: int, conn: Any, index: int) -
             return  # parent gone
         if msg is None:
             return
-        prompt, kwargs = msg
+        prompt, kwargs, slot = msg
         try:
             encoded, metrics, encode_s = _run(processor, prompt, kwargs)
         except Exception as e:  # noqa: BLE001
@@ -180,16 +194,98 @@ def _worker_main(config: ProcessorConfig, threads: int, conn: Any, index: int) -
                 logger.exception("preprocessing failed in worker %d", index)
             reply, blobs = ("error", _as_vlm_error(e)), []
         else:
-            # The items' bytes follow the pickled header as raw messages (send_bytes writes a
-            # large buffer as it is; pickling would copy it first).
+            # The items' bytes go into the request's shared-memory slot, or else follow the
+            # pickled header as raw messages (send_bytes writes a large buffer as it is;
+            # pickling would copy it first).
             header = (encoded.head, [(it.hash, it.bare) for it in encoded.items], metrics, encode_s)
-            reply, blobs = ("ok", header), [it.full for it in encoded.items]
+            blobs = [it.full for it in encoded.items]
+            lengths = None
+            if slots is not None and slot is not None:
+                lengths = slots.write(slot, blobs)
+            reply = ("ok", header, lengths)
+            if lengths is not None:
+                blobs = []
         try:
             conn.send(reply)
             for blob in blobs:
                 conn.send_bytes(blob)
         except (BrokenPipeError, OSError):
             return
+
+
+class _ReplySlots:
+    """Shared memory for one worker's replies: `count` slots of `size` bytes in one anonymous
+    memfd, mapped by this process and by the worker.
+
+    This process owns the slots: it hands a free slot to the worker with each request, reads
+    the reply's items out of it (one copy, into the bytes that go on the wire) when the header
+    arrives on the pipe, and only then frees it; so the worker never writes a slot this process
+    is reading. The memfd has no name (nothing to guess, leak or clean up in /dev/shm) and is
+    freed with the last mapping, also when the worker dies. The worker gets it at start,
+    pickled the way multiprocessing passes a `Connection` (a duplicated descriptor).
+    """
+
+    def __init__(self, count: int, size: int, fd: int) -> None:
+        self.count, self.size = count, size
+        self.map = mmap.mmap(fd, count * size)
+        self._fd: int | None = fd
+
+    @classmethod
+    def create(cls, count: int, size: int) -> _ReplySlots | None:
+        """None where there is no memfd (not Linux): replies then go through the pipe."""
+        if count < 1 or size < 1 or not hasattr(os, "memfd_create"):
+            return None
+        fd = os.memfd_create("vlm-preprocessor-replies", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, count * size)
+            return cls(count, size, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def __reduce__(self) -> tuple:
+        if self._fd is None:
+            raise RuntimeError("reply slots can only be handed to a worker while it starts")
+        return _attach_slots, (reduction.DupFd(self._fd), self.count, self.size)
+
+    def close_fd(self) -> None:
+        """Drop the descriptor once the worker has its own (the mapping stays)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def close(self) -> None:
+        self.close_fd()
+        self.map.close()
+
+    def write(self, slot: int, blobs: list[bytes]) -> list[int] | None:
+        """Worker: copy `blobs` into `slot`; their lengths, or None when they do not fit."""
+        if sum(len(b) for b in blobs) > self.size:
+            return None
+        off = slot * self.size
+        for b in blobs:
+            self.map[off:off + len(b)] = b
+            off += len(b)
+        return [len(b) for b in blobs]
+
+    def read(self, slot: int, lengths: list[int]) -> list[bytes]:
+        """This process: the blobs the worker wrote into `slot` (checked against its bounds)."""
+        if not (0 <= slot < self.count and all(n >= 0 for n in lengths) and sum(lengths) <= self.size):
+            raise ValueError(f"reply out of bounds: slot {slot}, lengths {lengths}")
+        out, off = [], slot * self.size
+        for n in lengths:
+            out.append(self.map[off:off + n])  # slicing an mmap copies into a bytes object
+            off += n
+        return out
+
+
+def _attach_slots(dup: Any, count: int, size: int) -> _ReplySlots:
+    """In the worker: map the slots from the duplicated descriptor, then close it."""
+    fd = dup.detach()
+    try:
+        return _ReplySlots(count, size, fd)
+    finally:
+        os.close(fd)
 
 
 class _WorkerLost(Exception):
@@ -268,8 +364,12 @@ class _ProcessWorker:
         self.depth = pool.worker_depth
         #: Bumped at each start: calls of an earlier process fail instead of reading this one's.
         self.generation = 0
-        #: Calls awaiting a reply from the current process, in the order they were sent.
-        self._pending: collections.deque[asyncio.Future[tuple]] = collections.deque()
+        #: Calls awaiting a reply from the current process, in the order they were sent, each
+        #: with the reply slot it was given (None: its reply comes through the pipe).
+        self._pending: collections.deque[tuple[asyncio.Future[tuple], int | None]] = collections.deque()
+        #: The current process's reply slots (None: the pipe only) and those not in use.
+        self._slots: _ReplySlots | None = None
+        self._free_slots: list[int] = []
         #: When the call at the head of `_pending` became the worker's (monotonic).
         self._turn_since = 0.0
         self._head_changed = asyncio.Event()
@@ -282,18 +382,28 @@ class _ProcessWorker:
         """Make a start() in progress (e.g. a restart) give up; used by close()."""
         self._abort.set()
 
-    def _spawn(self) -> tuple[Any, Any, ModelProfile, float]:
+    def _spawn(self) -> tuple[Any, Any, _ReplySlots | None, ModelProfile, float]:
         """Start the process and wait until its processor is built (blocking; on a thread)."""
         parent, child = self._ctx.Pipe(duplex=True)
         threads = self.pool.torch_threads
+        slots = _ReplySlots.create(self.depth, self.pool.reply_slot_bytes)
         proc = self._ctx.Process(
             target=_worker_main,
-            args=(self.config, threads, child, self.index),
+            args=(self.config, threads, child, self.index, slots),
             name=f"vlm-preprocessor-{self.index}",
             daemon=True,
         )
-        proc.start()
-        child.close()
+        try:
+            proc.start()
+        except BaseException:
+            parent.close()
+            if slots is not None:
+                slots.close()
+            raise
+        finally:
+            child.close()
+        if slots is not None:
+            slots.close_fd()
         deadline = time.monotonic() + self.pool.startup_timeout_s
         try:
             while not parent.poll(0.25):
@@ -313,22 +423,27 @@ class _ProcessWorker:
         except BaseException:
             _kill(proc)
             parent.close()
+            if slots is not None:
+                slots.close()
             raise
         if msg[0] != "ready":
             _kill(proc)
             parent.close()
+            if slots is not None:
+                slots.close()
             raise RuntimeError(f"preprocessor worker {self.index} failed to start: {msg[1].message}")
-        return proc, parent, msg[1], msg[2]
+        return proc, parent, slots, msg[1], msg[2]
 
     async def start(self) -> tuple[ModelProfile, float]:
         """Spawn the worker and wait until its processor is built."""
-        proc, conn, profile, build_s = await asyncio.to_thread(self._spawn)
+        proc, conn, slots, profile, build_s = await asyncio.to_thread(self._spawn)
         # The event loop serves the pipe from here on: a non-blocking socket of our own.
         sock = socket.socket(fileno=os.dup(conn.fileno()))
         conn.close()
         sock.setblocking(False)
         self.generation += 1
         self.proc, self._sock = proc, sock
+        self._slots, self._free_slots = slots, list(range(slots.count)) if slots else []
         self._pending = collections.deque()
         self._lost_reason = None
         loop = asyncio.get_running_loop()
@@ -343,17 +458,18 @@ class _ProcessWorker:
         sock, pending, generation = self._sock, self._pending, self.generation
         if sock is None or self._lost_reason is not None:
             raise _WorkerLost(self._lost_reason or f"worker {self.index} is not running")
-        frame = _frame(pickle.dumps((prompt, dict(kwargs) if kwargs else None),
-                                    protocol=pickle.HIGHEST_PROTOCOL))
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple] = loop.create_future()
         async with self._send_lock:  # whole frames, in the order of `pending`
             if self.generation != generation or self._lost_reason is not None:
                 raise _WorkerLost(self._lost_reason or f"worker {self.index} was restarted")
+            slot = self._free_slots.pop() if self._free_slots else None
+            frame = _frame(pickle.dumps((prompt, dict(kwargs) if kwargs else None, slot),
+                                        protocol=pickle.HIGHEST_PROTOCOL))
             if not pending:
                 self._turn_since = time.monotonic()
                 self._head_changed.set()
-            pending.append(fut)
+            pending.append((fut, slot))
             try:
                 await loop.sock_sendall(sock, frame)
             except OSError as e:
@@ -366,18 +482,29 @@ class _ProcessWorker:
     async def _read_replies(self, sock: socket.socket, pending: collections.deque, generation: int) -> None:
         """Hand each reply of this process to the oldest call waiting for one."""
         loop = asyncio.get_running_loop()
+        slots = self._slots
         try:
             while True:
                 reply = pickle.loads(await _recv_frame(loop, sock))
+                if not pending:
+                    raise EOFError("a reply nobody asked for")
+                fut, slot = pending[0]
                 if reply[0] == "ok":
-                    head, items, metrics, encode_s = reply[1]
-                    full = [await _recv_frame(loop, sock) for _ in items]
+                    _, (head, items, metrics, encode_s), lengths = reply
+                    if lengths is None:
+                        full = [await _recv_frame(loop, sock) for _ in items]
+                    elif slots is None or slot is None:
+                        raise ValueError("a reply in a shared-memory slot that was not given")
+                    else:
+                        full = slots.read(slot, lengths)
                     encoded = EncodedPrompt(head, tuple(
                         EncodedItem(h, f, bare) for (h, bare), f in zip(items, full, strict=True)))
                     reply = ("ok", (encoded, metrics, encode_s))
-                if not pending:
-                    raise EOFError("a reply nobody asked for")
-                fut = pending.popleft()
+                if not pending or pending[0][0] is not fut:
+                    raise EOFError("the worker was lost while its reply was read")
+                pending.popleft()
+                if slot is not None:
+                    self._free_slots.append(slot)
                 self._turn_since = time.monotonic()
                 self._head_changed.set()
                 if not fut.done():
@@ -422,7 +549,7 @@ class _ProcessWorker:
         if self.proc is not None and self.proc.is_alive():
             self.proc.kill()  # reaped by stop()
         while self._pending:
-            fut = self._pending.popleft()
+            fut, _ = self._pending.popleft()
             if not fut.done():
                 fut.set_exception(_WorkerLost(reason))
         current = asyncio.current_task()
@@ -443,6 +570,9 @@ class _ProcessWorker:
         if sock is not None:
             sock.close()
             self._sock = None
+        if self._slots is not None:
+            self._slots.close()
+            self._slots, self._free_slots = None, []
         await asyncio.to_thread(_kill, proc)
         self.proc = None
 

@@ -244,3 +244,22 @@ async def test_a_cancelled_caller_leaves_the_pipe_in_step(pool):
     while pool.stats().in_flight:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
+
+
+async def test_replies_through_shared_memory_and_through_the_pipe_are_the_same(pool, tiny_model):
+    """The pool fixture's workers hand replies back through shared memory; a worker whose slots
+    are too small for the reply (and one with none) sends the same bytes through its pipe."""
+    shm = await pool.preprocess_detailed(request(IMG_A, IMG_B))
+    for slot_bytes in (1024, 0):
+        pre = await Preprocessor.start(
+            ProcessorConfig(model=str(tiny_model("llava")), warmup=False),
+            PoolConfig(workers=1, reply_slot_bytes=slot_bytes),
+        )
+        try:
+            assert (pre._workers[0]._slots is None) == (slot_bytes == 0)
+            piped = await pre.preprocess_detailed(request(IMG_A, IMG_B))
+        finally:
+            await pre.close()
+        assert piped.prompt == shm.prompt
+    assert len(shm.prompt.items) == 2 and all(len(it.full) > 1024 for it in shm.prompt.items)
+    assert all(w._slots is not None and sorted(w._free_slots) == [0, 1] for w in pool._workers)

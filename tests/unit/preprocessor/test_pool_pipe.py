@@ -1,10 +1,12 @@
 """The pool's side of a worker pipe speaks `multiprocessing.connection.Connection`'s framing: what
 the event loop writes, the worker's `conn.recv()` reads, and what the worker's `send` /
-`send_bytes` write, the event loop reads, in pieces of any size."""
+`send_bytes` write, the event loop reads, in pieces of any size. The reply slots (shared memory)
+reach a worker process at its start and carry what it writes back to this one."""
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import pickle
 import socket
@@ -13,7 +15,7 @@ from multiprocessing.connection import Connection
 
 import pytest
 
-from preprocessor_svc.pool import _frame, _recv_frame
+from preprocessor_svc.pool import _frame, _recv_frame, _ReplySlots
 
 
 def _pair() -> tuple[socket.socket, Connection]:
@@ -41,7 +43,7 @@ async def test_the_loop_reads_what_the_worker_writes(size: int) -> None:
     ours, worker = _pair()
     loop = asyncio.get_running_loop()
     blob = os.urandom(size)
-    header = ("ok", ("head", [("hash", b"bare")], None, 0.1))
+    header = ("ok", ("head", [("hash", b"bare")], None, 0.1), None)
 
     def send() -> None:
         worker.send(header)
@@ -64,3 +66,44 @@ async def test_a_pipe_closed_mid_frame_is_an_eof() -> None:
     with pytest.raises(EOFError, match="after 4 of 10 bytes"):
         await _recv_frame(loop, ours)
     ours.close()
+
+
+def _write_in_child(slots: _ReplySlots, conn: Connection) -> None:
+    """A worker's part: write what it is told into the slot it is told."""
+    slot, blobs = conn.recv()
+    conn.send(slots.write(slot, blobs))
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_reply_slots_carry_a_workers_bytes_back(method: str) -> None:
+    slots = _ReplySlots.create(2, 1 << 20)
+    assert slots is not None
+    ctx = multiprocessing.get_context(method)
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_write_in_child, args=(slots, child), daemon=True)
+    proc.start()
+    child.close()
+    slots.close_fd()  # the worker holds its own mapping from here on
+    blobs = [os.urandom(300_000), b"", os.urandom(5)]
+    parent.send((1, blobs))
+    lengths = parent.recv()
+    proc.join(30)
+    assert lengths == [300_000, 0, 5]
+    assert slots.read(1, lengths) == blobs
+    assert slots.read(0, [3]) == [b"\0\0\0"]  # slot 0 untouched
+    with pytest.raises(RuntimeError, match="while it starts"):
+        pickle.dumps(slots)  # the descriptor is gone once handed over
+    slots.close()
+    parent.close()
+
+
+def test_reply_slots_refuse_what_does_not_fit() -> None:
+    slots = _ReplySlots.create(2, 64)
+    assert slots is not None
+    assert slots.write(0, [b"x" * 40, b"y" * 25]) is None  # 65 > 64: the pipe carries it
+    assert slots.write(1, [b"x" * 40, b"y" * 24]) == [40, 24]
+    assert slots.read(1, [40, 24]) == [b"x" * 40, b"y" * 24]
+    for slot, lengths in ((2, [1]), (-1, [1]), (0, [65]), (0, [40, 40]), (0, [-1, 2])):
+        with pytest.raises(ValueError, match="out of bounds"):
+            slots.read(slot, lengths)
+    slots.close()
