@@ -232,13 +232,22 @@ class _ReplySlots:
 
     @classmethod
     def create(cls, count: int, size: int) -> _ReplySlots | None:
-        """None where there is no memfd (not Linux): replies then go through the pipe."""
+        """None where there is no memfd (not Linux, or refused, e.g. by a seccomp profile):
+        replies then go through the pipe."""
         if count < 1 or size < 1 or not hasattr(os, "memfd_create"):
             return None
-        fd = os.memfd_create("vlm-preprocessor-replies", os.MFD_CLOEXEC)
+        try:
+            fd = os.memfd_create("vlm-preprocessor-replies", os.MFD_CLOEXEC)
+        except OSError as e:
+            logger.warning("no shared memory for worker replies (%s); they go through the pipe", e)
+            return None
         try:
             os.ftruncate(fd, count * size)
             return cls(count, size, fd)
+        except OSError as e:
+            os.close(fd)
+            logger.warning("no shared memory for worker replies (%s); they go through the pipe", e)
+            return None
         except BaseException:
             os.close(fd)
             raise

@@ -107,3 +107,13 @@ def test_reply_slots_refuse_what_does_not_fit() -> None:
         with pytest.raises(ValueError, match="out of bounds"):
             slots.read(slot, lengths)
     slots.close()
+
+
+def test_without_memfd_replies_use_the_pipe(monkeypatch, caplog) -> None:
+    def refused(*_args: object) -> int:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "memfd_create", refused)
+    assert _ReplySlots.create(2, 1 << 20) is None
+    assert "go through the pipe" in caplog.text
+    assert _ReplySlots.create(2, 0) is None  # --reply-slot-bytes 0
