@@ -236,21 +236,18 @@ class _ReplySlots:
         replies then go through the pipe."""
         if count < 1 or size < 1 or not hasattr(os, "memfd_create"):
             return None
+        fd = -1
         try:
             fd = os.memfd_create("vlm-preprocessor-replies", os.MFD_CLOEXEC)
-        except OSError as e:
-            logger.warning("no shared memory for worker replies (%s); they go through the pipe", e)
-            return None
-        try:
             os.ftruncate(fd, count * size)
             return cls(count, size, fd)
-        except OSError as e:
-            os.close(fd)
+        except BaseException as e:
+            if fd >= 0:
+                os.close(fd)
+            if not isinstance(e, OSError):
+                raise
             logger.warning("no shared memory for worker replies (%s); they go through the pipe", e)
             return None
-        except BaseException:
-            os.close(fd)
-            raise
 
     def __reduce__(self) -> tuple:
         if self._fd is None:
@@ -393,9 +390,20 @@ class _ProcessWorker:
 
     def _spawn(self) -> tuple[Any, Any, _ReplySlots | None, ModelProfile, float]:
         """Start the process and wait until its processor is built (blocking; on a thread)."""
+        slots = _ReplySlots.create(self.depth, self.pool.reply_slot_bytes)
+        try:
+            proc, parent, profile, build_s = self._start_process(slots)
+        except BaseException:
+            if slots is not None:
+                slots.close()
+            raise
+        return proc, parent, slots, profile, build_s
+
+    def _start_process(self, slots: _ReplySlots | None) -> tuple[Any, Any, ModelProfile, float]:
+        """`_spawn` without the reply slots' lifetime: the process, this end of its pipe, and
+        what it reported once ready."""
         parent, child = self._ctx.Pipe(duplex=True)
         threads = self.pool.torch_threads
-        slots = _ReplySlots.create(self.depth, self.pool.reply_slot_bytes)
         proc = self._ctx.Process(
             target=_worker_main,
             args=(self.config, threads, child, self.index, slots),
@@ -406,8 +414,6 @@ class _ProcessWorker:
             proc.start()
         except BaseException:
             parent.close()
-            if slots is not None:
-                slots.close()
             raise
         finally:
             child.close()
@@ -432,16 +438,12 @@ class _ProcessWorker:
         except BaseException:
             _kill(proc)
             parent.close()
-            if slots is not None:
-                slots.close()
             raise
         if msg[0] != "ready":
             _kill(proc)
             parent.close()
-            if slots is not None:
-                slots.close()
             raise RuntimeError(f"preprocessor worker {self.index} failed to start: {msg[1].message}")
-        return proc, parent, slots, msg[1], msg[2]
+        return proc, parent, msg[1], msg[2]
 
     async def start(self) -> tuple[ModelProfile, float]:
         """Spawn the worker and wait until its processor is built."""
